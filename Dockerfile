@@ -1,0 +1,17 @@
+FROM python:3.11.14-slim-bookworm
+
+WORKDIR /app
+COPY requirements.txt .
+# only the service's pins: the lines above the tests section
+RUN sed '/^# --- tests/,$d' requirements.txt > /tmp/service.txt \
+    && pip install --no-cache-dir -r /tmp/service.txt \
+    && rm /tmp/service.txt
+COPY chat_stream.py .
+
+RUN useradd --system --uid 10001 --no-create-home chat
+USER 10001
+ENV HOST=0.0.0.0 PORT=8000 PYTHONUNBUFFERED=1
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"PORT\"]}/healthz', timeout=2)"]
+CMD ["python", "chat_stream.py"]

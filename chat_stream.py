@@ -1,0 +1,568 @@
+"""chat-stream: AWS Bedrock answers streamed token by token over a WebSocket, with per-session memory.
+
+Run it:   python chat_stream.py                      (or: uvicorn chat_stream:app)
+Demo without an AWS account:   BEDROCK_MODEL_ID=offline python chat_stream.py, then open http://127.0.0.1:8000/
+
+Protocol, on ws://HOST:PORT/ws/chat/completions, one JSON text frame per message:
+  client -> server   {"question": str, "session_id": str}    ask (a session's memory lives as long as the connection)
+                     {"type": "cancel"}                       stop the answer being streamed
+  server -> client   {"type": "start", "session_id"}
+                     {"type": "token", "text"}                zero or more
+                     {"type": "end", "session_id", "full_text", "stop_reason",
+                      "usage": {"input_tokens", "output_tokens"}}
+                     or {"type": "error", "session_id"?, "code", "message"}
+Error codes: invalid_request, too_large, busy, session_in_use, throttled, access_denied, model_error,
+unavailable, timeout, internal. After any error the connection stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import uvicorn
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError, ProfileNotFound
+from dotenv import load_dotenv
+from langchain_aws import ChatBedrockConverse
+from langchain_aws.chat_models.bedrock_converse import _messages_to_bedrock, _parse_stream_event
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+T = TypeVar("T")
+load_dotenv()  # a .env file beside the process, if any; variables already in the environment win
+
+
+def setting(key: str, cast: Callable[[str], T], default: T) -> T:
+    """One setting from the environment; unset or blank means the default, a bad value stops start-up."""
+    raw = os.environ.get(key, "").strip()
+    if not raw:
+        return default
+    try:
+        return cast(raw)
+    except ValueError:
+        sys.exit(f"chat_stream: bad setting {key}={raw!r}: expected {cast.__name__.replace('_', ' ')}")
+
+
+def positive_int(raw: str) -> int:
+    if (value := int(raw)) < 1:
+        raise ValueError(raw)
+    return value
+
+
+def positive_number(raw: str) -> float:
+    if not (value := float(raw)) > 0:
+        raise ValueError(raw)
+    return value
+
+
+def number_from_0_to_1(raw: str) -> float:
+    if not 0 <= (value := float(raw)) <= 1:
+        raise ValueError(raw)
+    return value
+
+
+def origins(raw: str) -> frozenset[str]:
+    return frozenset(o.strip().rstrip("/").lower() for o in raw.split(",") if o.strip())
+
+
+BEDROCK_MODEL_ID = setting("BEDROCK_MODEL_ID", str, "amazon.nova-micro-v1:0")  # model id, or "offline" for the demo
+AWS_REGION = setting("AWS_REGION", str, "us-east-1")  # region of the Bedrock runtime
+AWS_PROFILE = setting("AWS_PROFILE", str, None)  # named credentials profile; None = boto3's default chain
+BEDROCK_ENDPOINT_URL = setting("BEDROCK_ENDPOINT_URL", str, None)  # VPC endpoint or a local stand-in
+TEMPERATURE = setting("TEMPERATURE", number_from_0_to_1, 0.3)  # sampling temperature sent to the model
+MAX_TOKENS = setting("MAX_TOKENS", positive_int, None)  # cap on answer length; None = the model's own
+SYSTEM_PROMPT = setting("SYSTEM_PROMPT", str, None)  # sent first in every request
+HOST = setting("HOST", str, "127.0.0.1")  # where `python chat_stream.py` listens
+PORT = setting("PORT", positive_int, 8000)
+WORKERS = setting("WORKERS", positive_int, 1)  # uvicorn worker processes; sessions never cross them
+STREAM_TIMEOUT = setting("STREAM_TIMEOUT", positive_number, 60.0)  # seconds Bedrock may stay silent mid-answer
+MAX_CONCURRENT_STREAMS = setting("MAX_CONCURRENT_STREAMS", positive_int, 256)  # per process; over it: "busy"
+MAX_QUESTION_CHARS = setting("MAX_QUESTION_CHARS", positive_int, 32000)  # longer questions: "too_large"
+MAX_HISTORY_MESSAGES = setting("MAX_HISTORY_MESSAGES", positive_int, 40)  # memory per session, whole turns
+CHAT_API_KEY = setting("CHAT_API_KEY", str, None)  # if set, handshakes need "Bearer <key>" or ?token=<key>
+ALLOWED_ORIGINS = setting("ALLOWED_ORIGINS", origins, frozenset())  # browser origins besides our own; "*" = any
+MAX_FRAME_BYTES = 8 * MAX_QUESTION_CHARS + 4096  # larger frames are refused by uvicorn with close code 1009
+MAX_SESSION_ID_CHARS = 128
+
+log = logging.getLogger("uvicorn.error.chat_stream")  # subtle: a child of uvicorn's logger, so it is configured
+# however the app was started (python chat_stream.py, uvicorn CLI, workers)
+
+
+@dataclass
+class Session:
+    owner: WebSocket  # the only connection that may read or extend this conversation
+    history: list[BaseMessage] = field(default_factory=list)  # whole user/assistant turns, oldest first
+
+
+SESSIONS: dict[str, Session] = {}  # bounded by connections x questions; entries leave when their connection closes
+CONNECTIONS: set[WebSocket] = set()  # open chat sockets; each leaves in its handler's `finally`
+STREAMS: set[asyncio.Task[None]] = set()  # answers streaming now; at most MAX_CONCURRENT_STREAMS
+
+
+# --- the model: LangChain's interface (messages in, AIMessageChunks out) over native async I/O
+
+
+class BedrockChat(ChatBedrockConverse):
+    """ChatBedrockConverse whose async stream reads Bedrock with aiobotocore.
+
+    LangChain's default `astream` runs every chunk's `next()` in a thread pool, which caps how many answers
+    a process can stream at full speed; here each answer is a coroutine and costs no thread. Requests and
+    chunks are built and parsed by langchain-aws's own Converse helpers, so messages and metadata match
+    `ChatBedrockConverse.stream()` exactly.
+    """
+
+    aclient: Any = None  # aiobotocore "bedrock-runtime" client, open inside `connect()`
+
+    @asynccontextmanager
+    async def connect(self, pool_size: int, read_timeout: float) -> AsyncIterator[None]:
+        config = AioConfig(max_pool_connections=pool_size, read_timeout=read_timeout)
+        session = AioSession(profile=self.credentials_profile_name)
+        async with session.create_client(
+            "bedrock-runtime", region_name=self.region_name, endpoint_url=self.endpoint_url, config=config
+        ) as self.aclient:
+            yield
+
+    async def _astream(
+        self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None, **kwargs: Any
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        bedrock_messages, system = _messages_to_bedrock(
+            messages, self.system, model_id=self._get_base_model(), provider=self.provider
+        )
+        response = await self.aclient.converse_stream(
+            messages=bedrock_messages, system=system, **self._converse_params(stop=stop)
+        )
+        stream, finished = response["stream"], False
+        try:
+            async for event in stream:
+                finished = finished or "messageStop" in event
+                if chunk := _parse_stream_event(event):
+                    yield ChatGenerationChunk(message=chunk)
+        finally:
+            stream.close()  # subtle: closes the HTTP connection now, even when cancelled, not at garbage collection
+        if not finished:
+            raise ConnectionError("Bedrock's stream ended without messageStop")
+
+
+class OfflineChat(BaseChatModel):
+    """A deterministic model for demos and front-end work: it answers by quoting the question, word by word."""
+
+    max_tokens: int | None = None
+    delay: float = 0.02  # seconds between words, so the streaming is visible
+
+    @property
+    def _llm_type(self) -> str:
+        return "offline"
+
+    def _reply(self, messages: list[BaseMessage]) -> tuple[list[str], str, dict[str, int]]:
+        text = f"This is the offline demo model, so I can only echo. You asked: {messages[-1].text}"
+        words = re.findall(r"\s*\S+", text)
+        stop_reason = "max_tokens" if self.max_tokens and len(words) > self.max_tokens else "end_turn"
+        words = words[: self.max_tokens]
+        tokens_in = sum(len(m.text.split()) for m in messages)
+        return words, stop_reason, {"input_tokens": tokens_in, "output_tokens": len(words), "total_tokens": 0}
+
+    def _generate(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
+    ) -> ChatResult:
+        words, stop_reason, usage = self._reply(messages)
+        message = AIMessage("".join(words), response_metadata={"stopReason": stop_reason}, usage_metadata=usage)
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    async def _astream(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        words, stop_reason, usage = self._reply(messages)
+        for word in words:
+            await asyncio.sleep(self.delay)
+            yield ChatGenerationChunk(message=AIMessageChunk(word))
+        last = AIMessageChunk("", response_metadata={"stopReason": stop_reason}, usage_metadata=usage)
+        yield ChatGenerationChunk(message=last)
+
+
+def build_model() -> BaseChatModel:
+    if BEDROCK_MODEL_ID == "offline":
+        return OfflineChat(max_tokens=MAX_TOKENS)
+    return BedrockChat(
+        model_id=BEDROCK_MODEL_ID,
+        region_name=AWS_REGION,
+        credentials_profile_name=AWS_PROFILE,
+        endpoint_url=BEDROCK_ENDPOINT_URL,
+        temperature=TEMPERATURE,
+        max_tokens=MAX_TOKENS,
+    )
+
+
+MODEL = build_model()  # one model, and one connection pool, for the whole process
+
+
+async def stream_model(messages: list[BaseMessage]) -> AsyncIterator[AIMessageChunk]:
+    """MODEL.astream, failing with TimeoutError when the model stays silent for STREAM_TIMEOUT."""
+    chunks = MODEL.astream(messages)
+    try:
+        while True:
+            async with asyncio.timeout(STREAM_TIMEOUT):
+                chunk = await anext(chunks, None)
+            if chunk is None:
+                return
+            yield chunk
+    finally:
+        await chunks.aclose()
+
+
+# --- errors: every upstream failure becomes one documented code, in one place
+
+ERROR_MESSAGES = {
+    "invalid_request": "The request is not valid.",
+    "busy": "An answer is already streaming; wait for it or cancel it.",
+    "throttled": "The model is receiving too many requests; try again shortly.",
+    "access_denied": "The server is not allowed to use the model; check its AWS credentials and permissions.",
+    "model_error": "The model could not answer this request.",
+    "unavailable": "The model service is unavailable; try again shortly.",
+    "timeout": "The model took too long to respond.",
+    "internal": "Something went wrong on the server.",
+}
+BEDROCK_ERRORS = {  # Bedrock error code, lower-cased (in-stream events spell it lowerCamelCase) -> our code
+    "throttlingexception": "throttled",
+    "servicequotaexceededexception": "throttled",
+    "accessdeniedexception": "access_denied",
+    "unrecognizedclientexception": "access_denied",
+    "invalidsignatureexception": "access_denied",
+    "expiredtokenexception": "access_denied",
+    "modeltimeoutexception": "timeout",
+    "internalserverexception": "unavailable",
+    "serviceunavailableexception": "unavailable",
+    "modelnotreadyexception": "unavailable",
+}  # anything else Bedrock refuses (ValidationException, modelStreamErrorException, ...) is "model_error"
+
+
+def error_code(exc: Exception) -> str:
+    if isinstance(exc, ClientError):  # HTTP errors and exception events inside the stream alike
+        return BEDROCK_ERRORS.get(exc.response.get("Error", {}).get("Code", "").lower(), "model_error")
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError | ProfileNotFound):
+        return "access_denied"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, BotoCoreError | aiohttp.ClientError | ConnectionError):
+        return "unavailable"
+    return "internal"
+
+
+class BadRequest(Exception):
+    def __init__(self, code: str, message: str, session_id: str | None = None) -> None:
+        super().__init__(message)
+        self.frame = error_frame(code, message, session_id)
+
+
+def error_frame(code: str, message: str | None = None, session_id: str | None = None) -> dict[str, Any]:
+    frame = {"type": "error", "code": code, "message": message or ERROR_MESSAGES[code]}
+    return frame if session_id is None else {"type": "error", "session_id": session_id, **frame}
+
+
+async def send(ws: WebSocket, frame: dict[str, Any]) -> None:
+    await ws.send_text(json.dumps(frame, ensure_ascii=False))
+
+
+# --- one answer, streamed as a task so the connection keeps reading (cancel, busy) meanwhile
+
+
+async def answer(ws: WebSocket, session_id: str, session: Session, question: str) -> None:
+    messages = [*([SystemMessage(SYSTEM_PROMPT)] if SYSTEM_PROMPT else []), *session.history, HumanMessage(question)]
+    parts: list[str] = []
+    stop_reason, usage = None, {"input_tokens": 0, "output_tokens": 0}
+    started, first_token = time.perf_counter(), None
+    outcome = "end"
+    try:
+        await send(ws, {"type": "start", "session_id": session_id})
+        async for chunk in stream_model(messages):
+            if text := chunk.text:
+                first_token = first_token or time.perf_counter()
+                parts.append(text)  # before the send: a cancel can only land after the frame was written
+                await send(ws, {"type": "token", "text": text})
+            stop_reason = chunk.response_metadata.get("stopReason", stop_reason)
+            if chunk.usage_metadata:
+                usage = {k: chunk.usage_metadata[k] for k in usage}
+    except asyncio.CancelledError as exc:
+        if exc.args != ("cancel",):  # the connection is closing: let the cancellation through
+            outcome = "disconnected"
+            raise
+        asyncio.current_task().uncancel()
+        stop_reason = outcome = "cancelled"
+    except WebSocketDisconnect:
+        outcome = "disconnected"
+        return  # the client left mid-answer; the connection handler cleans up
+    except Exception as exc:
+        outcome = error_code(exc)
+        if outcome == "internal":
+            log.exception("answer failed: session=%r", session_id)
+        else:
+            log.warning("answer failed: session=%r code=%s detail=%s", session_id, outcome, exc)
+        await send(ws, error_frame(outcome, session_id=session_id))
+    finally:
+        log.info(
+            "answer session=%r model=%s ttft_ms=%s duration_ms=%d tokens_in=%d tokens_out=%d outcome=%s",
+            session_id,
+            BEDROCK_MODEL_ID,
+            first_token and round((first_token - started) * 1000),
+            (time.perf_counter() - started) * 1000,
+            usage["input_tokens"],
+            usage["output_tokens"],
+            outcome,
+        )
+    if outcome not in ("end", "cancelled"):
+        return  # a failed question is not recorded, so the history stays valid for the next one
+    full_text = "".join(parts)
+    if full_text.strip():
+        session.history += [HumanMessage(question), AIMessage(full_text)]
+        if (excess := len(session.history) - MAX_HISTORY_MESSAGES) > 0:
+            del session.history[: excess + excess % 2]  # whole turns, so it still starts with a user message
+    end = {"type": "end", "session_id": session_id, "full_text": full_text, "stop_reason": stop_reason}
+    await send(ws, {**end, "usage": usage})
+
+
+# --- the connection: validate each frame, start answers, clean up on close
+
+
+def parse(message: dict[str, Any]) -> dict[str, Any]:
+    """The client's frame as a dict with a valid question and session_id (or a cancel); else BadRequest."""
+    if message.get("text") is None:
+        raise BadRequest("invalid_request", "Binary frames are not supported; send JSON text.")
+    try:
+        data = json.loads(message["text"])
+    except (ValueError, RecursionError):
+        raise BadRequest("invalid_request", "The frame is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise BadRequest("invalid_request", "The frame must be a JSON object.")
+    if data.get("type") == "cancel":
+        return data
+    if "type" in data:
+        raise BadRequest("invalid_request", 'Unknown frame type; send a question or {"type": "cancel"}.')
+    session_id, question = data.get("session_id"), data.get("question")
+    if not isinstance(session_id, str) or not session_id.strip() or len(session_id) > MAX_SESSION_ID_CHARS:
+        raise BadRequest(
+            "invalid_request", f"session_id must be a non-empty string of at most {MAX_SESSION_ID_CHARS} characters."
+        )
+    if not isinstance(question, str) or not question.strip():
+        raise BadRequest("invalid_request", "question must be a non-empty string.", session_id)
+    if len(question) > MAX_QUESTION_CHARS:
+        raise BadRequest("too_large", f"question is longer than {MAX_QUESTION_CHARS} characters.", session_id)
+    try:
+        question.encode()
+    except UnicodeEncodeError:
+        raise BadRequest("invalid_request", "question is not valid Unicode text.", session_id) from None
+    return data
+
+
+def handshake_allowed(ws: WebSocket) -> bool:
+    if CHAT_API_KEY is not None:
+        auth = ws.headers.get("authorization", "")
+        given = auth[7:] if auth.startswith("Bearer ") else ws.query_params.get("token", "")
+        if not hmac.compare_digest(given.encode(), CHAT_API_KEY.encode()):
+            return False
+    origin = ws.headers.get("origin", "").rstrip("/").lower()
+    if not origin or "*" in ALLOWED_ORIGINS or origin in ALLOWED_ORIGINS:
+        return True  # subtle: only browsers send Origin, and a browser page from another site must not get in
+    return urlsplit(origin).netloc == ws.headers.get("host", "").lower()
+
+
+async def chat(ws: WebSocket) -> None:
+    if not handshake_allowed(ws):
+        await ws.close(code=1008)  # before accept(): uvicorn answers the handshake with HTTP 403
+        return
+    await ws.accept()
+    CONNECTIONS.add(ws)
+    owned: set[str] = set()  # session ids this connection created
+    task: asyncio.Task[None] | None = None
+    try:
+        while (message := await ws.receive())["type"] != "websocket.disconnect":
+            try:
+                request = parse(message)
+            except BadRequest as bad:
+                await send(ws, bad.frame)
+                continue
+            if request.get("type") == "cancel":
+                if task and not task.done():
+                    task.cancel("cancel")
+                continue
+            session_id = request["session_id"]
+            session = SESSIONS.get(session_id)
+            if session is not None and session.owner is not ws:
+                await send(ws, error_frame("session_in_use", "This session is open on another connection.", session_id))
+            elif (task and not task.done()) or len(STREAMS) >= MAX_CONCURRENT_STREAMS:
+                await send(ws, error_frame("busy", session_id=session_id))
+            else:
+                session = SESSIONS.setdefault(session_id, Session(ws))
+                owned.add(session_id)
+                task = asyncio.create_task(answer(ws, session_id, session, request["question"]))
+                STREAMS.add(task)
+                task.add_done_callback(STREAMS.discard)
+    finally:
+        if task:
+            task.cancel()  # closes the Bedrock stream at once (see BedrockChat._astream); no-op if done
+            await asyncio.gather(task, return_exceptions=True)  # also collects a send that failed as the client left
+        for session_id in owned:
+            SESSIONS.pop(session_id, None)
+        CONNECTIONS.discard(ws)
+
+
+# --- small routes, the page, the app
+
+
+async def healthz(request: Request) -> JSONResponse:
+    return JSONResponse(
+        {"status": "ok", "connections": len(CONNECTIONS), "sessions": len(SESSIONS), "streams": len(STREAMS)}
+    )
+
+
+async def page(request: Request) -> HTMLResponse:
+    return HTMLResponse(PAGE)
+
+
+class HideApiKey(logging.Filter):
+    """uvicorn logs each path with its query string, so `?token=<CHAT_API_KEY>` must be masked."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        for secret in {CHAT_API_KEY, quote(CHAT_API_KEY or "", safe="")} - {"", None}:
+            text = text.replace(secret, "***")
+        record.msg, record.args = text, ()
+        return True
+
+
+if CHAT_API_KEY:
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(HideApiKey())
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    connection = MODEL.connect(MAX_CONCURRENT_STREAMS, STREAM_TIMEOUT) if isinstance(MODEL, BedrockChat) else None
+    async with connection or nullcontext():
+        log.info("chat-stream ready: model=%s", BEDROCK_MODEL_ID)
+        yield
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>chat-stream</title>
+<style>
+  :root { color-scheme: light dark; --accent: #1756a9; --muted: #666; font: 16px/1.5 system-ui, sans-serif; }
+  body { margin: 0 auto; max-width: 46rem; min-height: 100dvh; display: flex; flex-direction: column; padding: 0 1rem; }
+  header { display: flex; gap: 1rem; align-items: center; padding: .75rem 0; border-bottom: 1px solid #8884; }
+  h1 { font-size: 1.1rem; margin: 0; flex: 1; }
+  #state { font-size: .85rem; color: var(--muted); } #state.connected { color: #1a7f37; }
+  #log { flex: 1; padding: 1rem 0; }
+  .msg { white-space: pre-wrap; overflow-wrap: anywhere; margin: .5rem 0; padding: .5rem .75rem; border-radius: .5rem; }
+  .user { background: #1756a91a; margin-left: 15%; } .bot { background: #8881; margin-right: 15%; }
+  .error { border: 1px solid #c62828; color: #c62828; } .note { color: var(--muted); font-size: .85rem; }
+  form { display: flex; gap: .5rem; padding: .75rem 0; position: sticky; bottom: 0; background: Canvas; }
+  textarea { flex: 1; font: inherit; padding: .5rem; resize: vertical; min-height: 2.5rem; }
+  button { font: inherit; padding: .4rem .9rem; border-radius: .4rem; border: 1px solid var(--accent); }
+  #send { background: var(--accent); color: #fff; } :focus-visible { outline: 3px solid #f0a500; }
+</style></head>
+<body>
+<header><h1>chat-stream</h1><span id="state" role="status">connecting…</span>
+  <button id="new" type="button">New conversation</button></header>
+<main id="log" aria-live="polite"></main>
+<form id="ask"><textarea id="question" rows="2" aria-label="Your question"
+  placeholder="Ask something. Enter sends, Shift+Enter adds a line." autofocus></textarea>
+  <button id="send">Send</button></form>
+<script>
+const $ = (id) => document.getElementById(id);
+const token = new URLSearchParams(location.search).get("token");
+const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws/chat/completions`
+  + (token ? `?token=${encodeURIComponent(token)}` : "");
+const newId = () => Date.now().toString(36) + Math.random().toString(36).slice(2);
+let ws, sessionId = newId(), answer = null, streaming = false, retries = 0;
+
+function show(kind, text) {  // text only: message content never becomes HTML
+  const el = document.createElement("div");
+  el.className = `msg ${kind}`;
+  el.textContent = text;
+  $("log").append(el);
+  el.scrollIntoView({ block: "end" });
+  return el;
+}
+function setStreaming(on) { streaming = on; $("send").textContent = on ? "Stop" : "Send"; }
+function setState(text, cls = "") { $("state").textContent = text; $("state").className = cls; }
+
+function connect() {
+  setState("connecting…");
+  ws = new WebSocket(url);
+  ws.onopen = () => { retries = 0; setState("connected", "connected"); };
+  ws.onclose = () => {
+    if (streaming || $("log").children.length) show("note", "Connection lost; the server forgot this conversation.");
+    setStreaming(false); sessionId = newId();
+    const wait = Math.min(500 * 2 ** retries++, 8000);
+    setState(`disconnected, retrying in ${wait / 1000}s`);
+    setTimeout(connect, wait);
+  };
+  ws.onmessage = (event) => {
+    const frame = JSON.parse(event.data);
+    if (frame.type === "start") answer = show("bot", "");
+    else if (frame.type === "token") { answer.append(frame.text); answer.scrollIntoView({ block: "end" }); }
+    else if (frame.type === "end") {
+      if (frame.stop_reason === "cancelled") show("note", "Stopped.");
+      setStreaming(false);
+    } else if (frame.type === "error") { show("error", `${frame.message} (${frame.code})`); setStreaming(false); }
+  };
+}
+
+$("ask").onsubmit = (event) => {
+  event.preventDefault();
+  if (streaming) return ws.send(JSON.stringify({ type: "cancel" }));
+  const question = $("question").value;
+  if (!question.trim() || ws.readyState !== WebSocket.OPEN) return;
+  show("user", question);
+  ws.send(JSON.stringify({ question, session_id: sessionId }));
+  $("question").value = "";
+  setStreaming(true);
+};
+$("question").onkeydown = (event) => {
+  if (event.key !== "Enter" || event.shiftKey || event.isComposing) return;
+  event.preventDefault();
+  $("ask").requestSubmit();
+};
+$("new").onclick = () => { sessionId = newId(); $("log").replaceChildren(); $("question").focus(); };
+connect();
+</script>
+</body></html>
+"""
+
+routes = [
+    Route("/", page),
+    Route("/healthz", healthz),
+    WebSocketRoute("/ws/chat/completions", chat),
+]
+
+app = Starlette(routes=routes, lifespan=lifespan)
+
+if __name__ == "__main__":
+    uvicorn.run(
+        "chat_stream:app",
+        host=HOST,
+        port=PORT,
+        workers=WORKERS,
+        ws_max_size=MAX_FRAME_BYTES,
+        ws_per_message_deflate=False,  # token frames are tiny: compressing them costs CPU and saves nothing
+        timeout_graceful_shutdown=5,  # on SIGTERM, clients get close code 1012 and may reconnect elsewhere
+    )

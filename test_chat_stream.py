@@ -1,0 +1,958 @@
+"""Tests for chat_stream.py: a real uvicorn server, real WebSocket clients, and a local Bedrock on the real wire.
+
+Run: pytest -q
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from websockets.sync.client import ClientConnection, connect
+
+HERE = Path(__file__).parent
+NOVA = "amazon.nova-micro-v1:0"
+CLAUDE = "us.anthropic.claude-3-7-sonnet-20250219-v1:0"
+ARN = "arn:aws:bedrock:us-east-1:123456789012:inference-profile/secret-profile"
+
+
+# --- a local Bedrock: HTTP/1.1 on 127.0.0.1 answering with AWS event-stream messages, as the real service does
+
+
+def event_message(headers: dict[str, str], payload: dict[str, Any]) -> bytes:
+    """One binary event-stream message: prelude, CRC, string headers, JSON payload, CRC."""
+    head = b"".join(
+        bytes([len(k)]) + k.encode() + b"\x07" + struct.pack(">H", len(v.encode())) + v.encode()
+        for k, v in headers.items()
+    )
+    body = json.dumps(payload).encode()
+    prelude = struct.pack(">II", 12 + len(head) + len(body) + 4, len(head))
+    message = prelude + struct.pack(">I", zlib.crc32(prelude)) + head + body
+    return message + struct.pack(">I", zlib.crc32(message))
+
+
+def event(name: str, payload: dict[str, Any]) -> bytes:
+    return event_message({":message-type": "event", ":event-type": name, ":content-type": "application/json"}, payload)
+
+
+def exception_event(name: str, message: str) -> bytes:
+    headers = {":message-type": "exception", ":exception-type": name, ":content-type": "application/json"}
+    return event_message(headers, {"message": message})
+
+
+@dataclass
+class Reply:
+    """What the stand-in answers to one question. tokens=None echoes the question."""
+
+    tokens: list[str] | None = None
+    first_delay: float = 0.0  # seconds before the first token
+    delay: float = 0.0  # seconds between tokens
+    stop_reason: str = "end_turn"
+    http_error: tuple[int, str] | None = None  # (status, error type) instead of a stream
+    exception: str | None = None  # an exception event after the tokens
+    hang: bool = False  # after the tokens, send nothing and keep the connection open
+    cut: bool = False  # after the tokens, drop the TCP connection
+    corrupt: bool = False  # after the tokens, an event whose CRC is wrong
+
+
+@dataclass
+class Call:
+    """One request the stand-in received, and what became of its answer."""
+
+    path: str
+    body: dict[str, Any]
+    tokens_sent: int = 0
+    finished: bool = False  # the whole answer was sent
+    client_closed_at: float | None = None  # time.monotonic() when the client closed the stream early
+
+
+def echo_tokens(question: str) -> list[str]:
+    return ["Echo:", *[" " + word for word in question.split()]]
+
+
+class FakeBedrock:
+    """A Bedrock runtime on 127.0.0.1: ConverseStream and InvokeModelWithResponseStream, errors included."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.replies: dict[str, Reply] = {}
+        self.loop = asyncio.new_event_loop()
+        self.server = self.loop.run_until_complete(asyncio.start_server(self.handle, "127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+
+    def calls_for(self, question: str) -> list[Call]:
+        return [c for c in self.calls if last_question(c.body) == question]
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        prefix = b""
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:  # keep-alive: one request after another on this connection
+                head = prefix + await reader.readuntil(b"\r\n\r\n")
+                method, path, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                call = Call(path, json.loads(await reader.readexactly(length)))
+                self.calls.append(call)
+                # the client sends nothing while it reads an answer, so a read that returns means it closed
+                watch = asyncio.ensure_future(reader.read(1))
+                if not await self.respond(call, writer, watch):
+                    break
+                if watch.done():
+                    prefix = watch.result()
+                    if not prefix:
+                        break
+                else:
+                    watch.cancel()
+        writer.close()
+
+    async def respond(self, call: Call, writer: asyncio.StreamWriter, watch: asyncio.Future) -> bool:
+        """Answer one request; False when the connection must close."""
+        reply = self.replies.get(last_question(call.body), Reply())
+        tokens = echo_tokens(last_question(call.body)) if reply.tokens is None else reply.tokens
+        if reply.http_error:
+            status, kind = reply.http_error
+            body = json.dumps({"message": f"{kind} for {ARN}"}).encode()
+            writer.write(
+                b"HTTP/1.1 %d Error\r\nContent-Type: application/json\r\nx-amzn-ErrorType: %s:http://internal.amazon.com/\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (status, kind.encode(), len(body), body)
+            )
+            await writer.drain()
+            return True
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.amazon.eventstream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        invoke = call.path.endswith("/invoke-with-response-stream")
+        events = self.invoke_events(tokens, reply) if invoke else self.converse_events(call, tokens, reply)
+        for i, data in enumerate(events):
+            pause = reply.first_delay if i == 1 else reply.delay if 1 < i <= len(tokens) else 0
+            if pause:
+                await asyncio.wait([watch], timeout=pause)
+            if watch.done():  # the client went away
+                call.client_closed_at = time.monotonic()
+                return False
+            if data is None:
+                break
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await writer.drain()
+            call.tokens_sent += 1 <= i <= len(tokens)
+        else:
+            writer.write(b"0\r\n\r\n")
+            call.finished = True
+            return True
+        if reply.cut:
+            writer.transport.abort()
+            return False
+        if reply.hang:
+            await watch  # send nothing more until the client gives up
+            call.client_closed_at = time.monotonic()
+            return False
+        writer.write(b"0\r\n\r\n")  # after an exception event the stream ends
+        return True
+
+    def converse_events(self, call: Call, tokens: list[str], reply: Reply) -> Iterator[bytes | None]:
+        yield event("messageStart", {"role": "assistant"})
+        for token in tokens:
+            yield event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": token}})
+        yield from self.failure(reply)
+        yield event("contentBlockStop", {"contentBlockIndex": 0})
+        yield event("messageStop", {"stopReason": reply.stop_reason})
+        usage = {"inputTokens": 10 * len(call.body["messages"]), "outputTokens": len(tokens)}
+        yield event("metadata", {"usage": {**usage, "totalTokens": sum(usage.values())}, "metrics": {"latencyMs": 1}})
+
+    def invoke_events(self, tokens: list[str], reply: Reply) -> Iterator[bytes | None]:
+        def chunk(payload: dict[str, Any]) -> bytes:
+            return event("chunk", {"bytes": base64.b64encode(json.dumps(payload).encode()).decode()})
+
+        yield chunk({"type": "message_start", "message": {"role": "assistant", "usage": {"input_tokens": 10}}})
+        for token in tokens:
+            yield chunk({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": token}})
+        yield from self.failure(reply)
+        yield chunk(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": reply.stop_reason},
+                "usage": {"output_tokens": len(tokens)},
+            }
+        )
+        yield chunk({"type": "message_stop"})
+
+    def failure(self, reply: Reply) -> Iterator[bytes | None]:
+        if reply.exception:
+            yield exception_event(reply.exception, f"{reply.exception} for {ARN}")
+        if reply.corrupt:
+            yield event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "x"}})[:-1] + b"\0"
+        if reply.exception or reply.corrupt or reply.hang or reply.cut:
+            yield None
+
+
+def last_question(body: dict[str, Any]) -> str:
+    content = body["messages"][-1]["content"]
+    return content if isinstance(content, str) else content[0]["text"]
+
+
+# --- fixtures: the server as users start it (python chat_stream.py), configured through its environment
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SETTINGS = [
+    "BEDROCK_MODEL_ID",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "BEDROCK_ENDPOINT_URL",
+    "TEMPERATURE",
+    "MAX_TOKENS",
+    "SYSTEM_PROMPT",
+    "HOST",
+    "PORT",
+    "WORKERS",
+    "STREAM_TIMEOUT",
+    "MAX_CONCURRENT_STREAMS",
+    "MAX_QUESTION_CHARS",
+    "MAX_HISTORY_MESSAGES",
+    "CHAT_API_KEY",
+    "ALLOWED_ORIGINS",
+]
+
+
+def server_env(**settings: Any) -> dict[str, str]:
+    """The environment of a test server: fake credentials, and every setting given (blank = default, None =
+    unset), so that neither the developer's AWS configuration nor a .env file beside the module can leak in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k not in SETTINGS}
+    env |= dict.fromkeys([k for k in SETTINGS if not k.startswith("AWS_")], "")  # boto3 reads a blank AWS_PROFILE
+    env |= {"AWS_ACCESS_KEY_ID": "AKIAFAKE", "AWS_SECRET_ACCESS_KEY": "fake", "AWS_EC2_METADATA_DISABLED": "true"}
+    env |= {"AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard", "PYTHONUNBUFFERED": "1"}
+    env |= {k: str(v) for k, v in settings.items()}
+    return {k: v for k, v in env.items() if settings.get(k, "") is not None}
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+    ws_url: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ws_url = f"ws://127.0.0.1:{self.port}/ws/chat/completions"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def health(self) -> dict[str, Any]:
+        return httpx.get(f"{self.http}/healthz").json()
+
+
+@contextlib.contextmanager
+def run_server(tmp_path: Path, script: Path = HERE / "chat_stream.py", **settings: Any) -> Iterator[Server]:
+    port = free_port()
+    log_path = tmp_path / f"server-{port}.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(script)],
+            cwd=script.parent,
+            env=server_env(PORT=port, **settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(process, port, log_path)
+    try:
+        wait_for(lambda: process.poll() is not None or healthy(server), 30, "server start")
+        assert process.poll() is None, server.log()
+        yield server
+    finally:
+        process.kill()
+        process.wait()
+
+
+def healthy(server: Server) -> bool:
+    try:
+        return httpx.get(f"{server.http}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_for(condition: Callable[[], Any], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="session")
+def bedrock() -> Iterator[FakeBedrock]:
+    fake = FakeBedrock()
+    yield fake
+    fake.close()
+
+
+DEFAULTS = {
+    "SYSTEM_PROMPT": "Be brief.",
+    "TEMPERATURE": "0.7",
+    "MAX_TOKENS": "256",
+    "STREAM_TIMEOUT": "1.5",
+    "MAX_QUESTION_CHARS": "1000",
+    "MAX_HISTORY_MESSAGES": "4",
+}
+
+
+@pytest.fixture(scope="session")
+def server(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_server(tmp_path_factory.mktemp("server"), BEDROCK_ENDPOINT_URL=bedrock.url, **DEFAULTS) as s:
+        yield s
+
+
+@pytest.fixture
+def ws(server: Server) -> Iterator[ClientConnection]:
+    with connect(server.ws_url) as conn:
+        yield conn
+
+
+def ask(ws: ClientConnection, question: str, session_id: str = "s1") -> list[dict[str, Any]]:
+    """Send a question; return every frame up to and including its end or error."""
+    ws.send(json.dumps({"question": question, "session_id": session_id}))
+    return read_answer(ws)
+
+
+def read_answer(ws: ClientConnection) -> list[dict[str, Any]]:
+    frames = []
+    while not frames or frames[-1]["type"] not in ("end", "error"):
+        frames.append(json.loads(ws.recv(timeout=10)))
+    return frames
+
+
+def answer_frames(session_id: str, tokens: list[str], input_tokens: int, stop_reason: str = "end_turn") -> list[dict]:
+    usage = {"input_tokens": input_tokens, "output_tokens": len(tokens)}
+    end = {"type": "end", "session_id": session_id, "full_text": "".join(tokens), "stop_reason": stop_reason}
+    return [
+        {"type": "start", "session_id": session_id},
+        *({"type": "token", "text": t} for t in tokens),
+        {**end, "usage": usage},
+    ]
+
+
+def text(*turns: str) -> list[dict[str, Any]]:
+    """Bedrock messages for alternating user/assistant turns."""
+    return [{"role": ("user", "assistant")[i % 2], "content": [{"text": t}]} for i, t in enumerate(turns)]
+
+
+def echo(question: str) -> str:
+    return "".join(echo_tokens(question))
+
+
+# --- the protocol
+
+
+# One question: start, the tokens, end; and Bedrock got the question, system prompt and settings.
+def test_one_question_streams_start_tokens_end(ws: ClientConnection, bedrock: FakeBedrock) -> None:
+    assert ask(ws, "what is a stream") == answer_frames("s1", echo_tokens("what is a stream"), 10)
+    (call,) = bedrock.calls_for("what is a stream")
+    assert call.path == "/model/amazon.nova-micro-v1%3A0/converse-stream"
+    assert call.body == {
+        "messages": text("what is a stream"),
+        "system": [{"text": "Be brief."}],
+        "inferenceConfig": {"maxTokens": 256, "temperature": 0.7},
+    }
+
+
+# The model's stop reason reaches the end frame.
+def test_stop_reason_is_the_models(ws: ClientConnection, bedrock: FakeBedrock) -> None:
+    bedrock.replies["long one"] = Reply(tokens=["a", "b"], stop_reason="max_tokens")
+    assert ask(ws, "long one") == answer_frames("s1", ["a", "b"], 10, "max_tokens")
+
+
+# A session remembers its turns: the second request carries the first question and answer.
+def test_memory_across_turns(ws: ClientConnection, bedrock: FakeBedrock) -> None:
+    ask(ws, "my name is Ada", "mem")
+    assert ask(ws, "what is my name", "mem") == answer_frames("mem", echo_tokens("what is my name"), 30)
+    (call,) = bedrock.calls_for("what is my name")
+    assert call.body["messages"] == text("my name is Ada", echo("my name is Ada"), "what is my name")
+
+
+# Two sessions on one connection keep separate histories.
+def test_sessions_are_separate(ws: ClientConnection, bedrock: FakeBedrock) -> None:
+    ask(ws, "red apple", "a")
+    ask(ws, "green pear", "b")
+    ask(ws, "which fruit a", "a")
+    ask(ws, "which fruit b", "b")
+    assert bedrock.calls_for("which fruit a")[0].body["messages"] == text(
+        "red apple", echo("red apple"), "which fruit a"
+    )
+    assert bedrock.calls_for("which fruit b")[0].body["messages"] == text(
+        "green pear", echo("green pear"), "which fruit b"
+    )
+
+
+# A session ends with its connection: the same id on a new connection starts empty.
+def test_history_dropped_on_close(server: Server, bedrock: FakeBedrock) -> None:
+    with connect(server.ws_url) as ws:
+        ask(ws, "remember forty two", "gone")
+    wait_for(lambda: server.health()["sessions"] == 0, 5, "the session to be dropped")
+    with connect(server.ws_url) as ws:
+        ask(ws, "what did I say", "gone")
+    assert bedrock.calls_for("what did I say")[0].body["messages"] == text("what did I say")
+
+
+# History is bounded by MAX_HISTORY_MESSAGES (4 here), dropped in whole turns.
+def test_history_trimmed_in_whole_turns(ws: ClientConnection, bedrock: FakeBedrock) -> None:
+    for q in ("turn one", "turn two", "turn three", "turn four"):
+        ask(ws, q, "trim")
+    assert bedrock.calls_for("turn four")[0].body["messages"] == text(
+        "turn two", echo("turn two"), "turn three", echo("turn three"), "turn four"
+    )
+
+
+# /healthz reports what the process holds.
+def test_healthz_counts(server: Server, bedrock: FakeBedrock) -> None:
+    bedrock.replies["count me"] = Reply(tokens=["x"] * 3, first_delay=0.3)
+    with connect(server.ws_url) as ws:
+        ws.send(json.dumps({"question": "count me", "session_id": "h"}))
+        assert json.loads(ws.recv(timeout=5))["type"] == "start"
+        assert server.health() == {"status": "ok", "connections": 1, "sessions": 1, "streams": 1}
+        read_answer(ws)
+    wait_for(lambda: server.health() == {"status": "ok", "connections": 0, "sessions": 0, "streams": 0}, 5, "idle")
+
+
+# --- bad input: a clear error frame, and the connection keeps working
+
+BAD_FRAMES = {
+    "not json": ("{question", "The frame is not valid JSON."),
+    "deeply nested": ("[" * 10_000, "The frame is not valid JSON."),
+    "not an object": ('["hi"]', "The frame must be a JSON object."),
+    "unknown type": ('{"type": "hello"}', 'Unknown frame type; send a question or {"type": "cancel"}.'),
+    "no session": ('{"question": "hi"}', "session_id must be a non-empty string of at most 128 characters."),
+    "empty session": (
+        '{"question": "hi", "session_id": ""}',
+        "session_id must be a non-empty string of at most 128 characters.",
+    ),
+    "session not str": (
+        '{"question": "hi", "session_id": 7}',
+        "session_id must be a non-empty string of at most 128 characters.",
+    ),
+    "session too long": (
+        json.dumps({"question": "hi", "session_id": "x" * 129}),
+        "session_id must be a non-empty string of at most 128 characters.",
+    ),
+    "binary": (b'{"question": "hi", "session_id": "s"}', "Binary frames are not supported; send JSON text."),
+}
+
+
+# Malformed frames get invalid_request with no start frame; the same connection then answers normally.
+@pytest.mark.parametrize("frame,message", BAD_FRAMES.values(), ids=BAD_FRAMES.keys())
+def test_bad_frames(ws: ClientConnection, frame: str | bytes, message: str) -> None:
+    ws.send(frame)
+    assert json.loads(ws.recv(timeout=5)) == {"type": "error", "code": "invalid_request", "message": message}
+    assert ask(ws, "still here")[-1]["full_text"] == echo("still here")
+
+
+BAD_QUESTIONS = {
+    "missing": ({"session_id": "q"}, "invalid_request", "question must be a non-empty string."),
+    "not a string": (
+        {"session_id": "q", "question": ["hi"]},
+        "invalid_request",
+        "question must be a non-empty string.",
+    ),
+    "blank": ({"session_id": "q", "question": " \n\t"}, "invalid_request", "question must be a non-empty string."),
+    "lone surrogate": (
+        {"session_id": "q", "question": "\ud800"},
+        "invalid_request",
+        "question is not valid Unicode text.",
+    ),
+    "too long": ({"session_id": "q", "question": "x" * 1001}, "too_large", "question is longer than 1000 characters."),
+}
+
+
+# A bad question in a valid session gets an error naming the session; the session then works and stays valid.
+@pytest.mark.parametrize("request_,code,message", BAD_QUESTIONS.values(), ids=BAD_QUESTIONS.keys())
+def test_bad_questions(ws: ClientConnection, bedrock: FakeBedrock, request_: dict, code: str, message: str) -> None:
+    ws.send(json.dumps(request_))
+    assert json.loads(ws.recv(timeout=5)) == {"type": "error", "session_id": "q", "code": code, "message": message}
+    ask(ws, f"fine now {code}", "q")
+    assert bedrock.calls_for(f"fine now {code}")[0].body["messages"] == text(f"fine now {code}")
+
+
+# A question of exactly MAX_QUESTION_CHARS is accepted.
+def test_question_at_the_limit(ws: ClientConnection) -> None:
+    assert ask(ws, "y" * 1000)[-1]["full_text"] == "Echo: " + "y" * 1000
+
+
+# A frame over the hard cap is refused with close code 1009; other connections and the server are unharmed.
+def test_oversized_frame_closes_only_that_connection(server: Server) -> None:
+    with connect(server.ws_url) as other, connect(server.ws_url, max_size=None) as big:
+        big.send(json.dumps({"question": "z" * 13_000, "session_id": "big"}))
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            big.recv(timeout=5)
+        assert closed.value.rcvd.code == 1009
+        assert ask(other, "unharmed")[-1]["full_text"] == echo("unharmed")
+
+
+# --- Bedrock's errors, before the stream (HTTP) and inside it (exception events), each to its code
+
+ERRORS = {
+    "http 403": (Reply(http_error=(403, "AccessDeniedException")), [], "access_denied"),
+    "http 429": (Reply(http_error=(429, "ThrottlingException")), [], "throttled"),
+    "http 400": (Reply(http_error=(400, "ValidationException")), [], "model_error"),
+    "http 404": (Reply(http_error=(404, "ResourceNotFoundException")), [], "model_error"),
+    "http 500": (Reply(http_error=(500, "InternalServerException")), [], "unavailable"),
+    "http 503": (Reply(http_error=(503, "ServiceUnavailableException")), [], "unavailable"),
+    "stream throttling": (Reply(tokens=["a", "b"], exception="throttlingException"), ["a", "b"], "throttled"),
+    "stream model error": (Reply(tokens=["a"], exception="modelStreamErrorException"), ["a"], "model_error"),
+    "stream validation": (Reply(tokens=["a"], exception="validationException"), ["a"], "model_error"),
+    "stream internal": (Reply(tokens=["a"], exception="internalServerException"), ["a"], "unavailable"),
+    "stream unavailable": (Reply(tokens=["a"], exception="serviceUnavailableException"), ["a"], "unavailable"),
+    "connection cut": (Reply(tokens=["a", "b"], cut=True), ["a", "b"], "unavailable"),
+    "silence": (Reply(tokens=["a"], hang=True), ["a"], "timeout"),
+    "corrupt event": (Reply(tokens=["a"], corrupt=True), ["a"], "internal"),
+}
+MESSAGES = {
+    "throttled": "The model is receiving too many requests; try again shortly.",
+    "access_denied": "The server is not allowed to use the model; check its AWS credentials and permissions.",
+    "model_error": "The model could not answer this request.",
+    "unavailable": "The model service is unavailable; try again shortly.",
+    "timeout": "The model took too long to respond.",
+    "internal": "Something went wrong on the server.",
+}
+
+
+# Tokens already sent stay sent, then one error frame with the mapped code and a fixed message (no ARN, no
+# exception text); the failed turn is not recorded, so the session's next question carries a valid history.
+@pytest.mark.parametrize("reply,tokens,code", ERRORS.values(), ids=ERRORS.keys())
+def test_bedrock_errors_map_to_codes(
+    ws: ClientConnection, bedrock: FakeBedrock, reply: Reply, tokens: list[str], code: str
+) -> None:
+    session, question = f"err-{code}", f"fail {id(reply)}"
+    ask(ws, "before", session)
+    bedrock.replies[question] = reply
+    frames = ask(ws, question, session)
+    error = {"type": "error", "session_id": session, "code": code, "message": MESSAGES[code]}
+    assert frames == [{"type": "start", "session_id": session}, *({"type": "token", "text": t} for t in tokens), error]
+    ask(ws, "after", session)
+    assert bedrock.calls_for("after")[-1].body["messages"] == text("before", echo("before"), "after")
+
+
+# Throttling is retried by boto3 (AWS_MAX_ATTEMPTS=2 here) before the client hears of it.
+def test_throttling_is_retried_first(ws: ClientConnection, bedrock: FakeBedrock) -> None:
+    bedrock.replies["retry me"] = Reply(http_error=(429, "ThrottlingException"))
+    assert ask(ws, "retry me")[-1]["code"] == "throttled"
+    assert len(bedrock.calls_for("retry me")) == 2
+
+
+# A silent stream is closed upstream when STREAM_TIMEOUT passes; an internal error is logged with its traceback.
+def test_timeout_closes_upstream_and_internal_errors_are_logged(
+    ws: ClientConnection, server: Server, bedrock: FakeBedrock
+) -> None:
+    bedrock.replies["hang here"] = Reply(tokens=["a"], hang=True)
+    assert ask(ws, "hang here")[-1]["code"] == "timeout"
+    wait_for(lambda: bedrock.calls_for("hang here")[0].client_closed_at, 1, "the upstream stream to close")
+    bedrock.replies["break here"] = Reply(tokens=["a"], corrupt=True)
+    assert ask(ws, "break here")[-1]["code"] == "internal"
+    wait_for(lambda: "Traceback" in server.log(), 5, "the traceback in the log")
+    assert "ChecksumMismatch" in server.log()
+
+
+# When Bedrock cannot be reached at all, the client gets "unavailable".
+def test_unreachable_bedrock(tmp_path: Path) -> None:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}") as server:
+        with connect(server.ws_url) as ws:
+            assert ask(ws, "anyone there")[-1] == {
+                "type": "error",
+                "session_id": "s1",
+                "code": "unavailable",
+                "message": MESSAGES["unavailable"],
+            }
+
+
+# --- both model families, the offline model, settings
+
+
+# An Anthropic Claude id streams end to end too, through the Converse API.
+def test_claude_model(tmp_path: Path, bedrock: FakeBedrock) -> None:
+    with run_server(tmp_path, BEDROCK_MODEL_ID=CLAUDE, BEDROCK_ENDPOINT_URL=bedrock.url) as server:
+        with connect(server.ws_url) as ws:
+            assert ask(ws, "hello claude") == answer_frames("s1", echo_tokens("hello claude"), 10)
+            ask(ws, "and again")
+    (call,) = bedrock.calls_for("and again")
+    assert call.path == "/model/us.anthropic.claude-3-7-sonnet-20250219-v1%3A0/converse-stream"
+    assert call.body == {
+        "messages": text("hello claude", echo("hello claude"), "and again"),
+        "system": [],
+        "inferenceConfig": {"temperature": 0.3},
+    }
+
+
+# The stand-in also speaks InvokeModelWithResponseStream, as boto3 reads it (for Anthropic-format clients).
+def test_stand_in_speaks_invoke_model_stream(bedrock: FakeBedrock) -> None:
+    import boto3
+
+    client = boto3.client(
+        "bedrock-runtime",
+        region_name="us-east-1",
+        endpoint_url=bedrock.url,
+        aws_access_key_id="AKIAFAKE",
+        aws_secret_access_key="fake",
+    )
+    body = {
+        "anthropic_version": "bedrock-2023-05-31",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "hi there"}],
+    }
+    response = client.invoke_model_with_response_stream(modelId=CLAUDE, body=json.dumps(body))
+    events = [json.loads(e["chunk"]["bytes"]) for e in response["body"]]
+    assert "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta") == "Echo: hi there"
+    assert (
+        bedrock.calls_for("hi there")[0].path
+        == "/model/us.anthropic.claude-3-7-sonnet-20250219-v1%3A0/invoke-with-response-stream"
+    )
+
+
+# BEDROCK_MODEL_ID=offline streams a deterministic answer through the same path, with no AWS call at all.
+def test_offline_model(tmp_path: Path, bedrock: FakeBedrock) -> None:
+    before = len(bedrock.calls)
+    with run_server(tmp_path, BEDROCK_MODEL_ID="offline", MAX_TOKENS="14") as server:
+        with connect(server.ws_url) as ws:
+            frames = ask(ws, "what is 2 + 2")
+            capped = ask(ws, "one two three four five")
+    words = [
+        "This",
+        " is",
+        " the",
+        " offline",
+        " demo",
+        " model,",
+        " so",
+        " I",
+        " can",
+        " only",
+        " echo.",
+        " You",
+        " asked:",
+    ]
+    assert frames == answer_frames("s1", [*words, " what", " is", " 2", " +", " 2"][:14], 5, "max_tokens")
+    assert capped == answer_frames("s1", [*words, " one"], 5 + 14 + 5, "max_tokens")
+    assert len(bedrock.calls) == before
+
+
+# The offline model without a cap ends with end_turn.
+def test_offline_model_end_turn(tmp_path: Path) -> None:
+    with run_server(tmp_path, BEDROCK_MODEL_ID="offline") as server:
+        with connect(server.ws_url) as ws:
+            frames = ask(ws, "hi")
+    assert frames[-1] == {
+        "type": "end",
+        "session_id": "s1",
+        "full_text": "This is the offline demo model, so I can only echo. You asked: hi",
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 1, "output_tokens": 14},
+    }
+
+
+# A setting that does not parse stops start-up with one line naming the variable and the value.
+@pytest.mark.parametrize(
+    "key,value", [("TEMPERATURE", "warm"), ("PORT", "-1"), ("MAX_TOKENS", "lots"), ("STREAM_TIMEOUT", "0")]
+)
+def test_bad_setting_stops_startup(key: str, value: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "chat_stream.py"],
+        cwd=HERE,
+        env=server_env(**{key: value}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [result.stderr.strip()] and f"{key}={value!r}" in result.stderr
+
+
+# A .env beside the module is read; the real environment wins over it.
+def test_dotenv_file(tmp_path: Path, bedrock: FakeBedrock) -> None:
+    (tmp_path / "chat_stream.py").write_text((HERE / "chat_stream.py").read_text())
+    (tmp_path / ".env").write_text("SYSTEM_PROMPT=From the dotenv file.\nTEMPERATURE=0.9\n")
+    env = {"BEDROCK_ENDPOINT_URL": bedrock.url, "TEMPERATURE": "0.2", "SYSTEM_PROMPT": None}  # None: unset
+    with run_server(tmp_path, script=tmp_path / "chat_stream.py", **env) as server:
+        with connect(server.ws_url) as ws:
+            ask(ws, "dotenv check")
+    (call,) = bedrock.calls_for("dotenv check")
+    assert call.body["system"] == [{"text": "From the dotenv file."}]
+    assert call.body["inferenceConfig"] == {"temperature": 0.2}
+
+
+# --- many clients at once
+
+
+# 60 concurrent clients each receive exactly their own answer, interleaved in time.
+def test_sixty_concurrent_clients(server: Server, bedrock: FakeBedrock) -> None:
+    async def client(i: int) -> list[dict]:
+        question = f"client {i} asks about {i * 7}"
+        bedrock.replies[question] = Reply(tokens=echo_tokens(question) * 3, delay=0.01)
+        async with websockets.connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"question": question, "session_id": f"c{i}"}))
+            frames = []
+            while not frames or frames[-1]["type"] not in ("end", "error"):
+                frames.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+            return frames
+
+    async def main() -> list[list[dict]]:
+        return await asyncio.gather(*(client(i) for i in range(60)))
+
+    for i, frames in enumerate(asyncio.run(main())):
+        question = f"client {i} asks about {i * 7}"
+        assert frames == answer_frames(f"c{i}", echo_tokens(question) * 3, 10)
+
+
+# --- a live connection under control: cancel, disconnects, busy, limits
+
+
+def start_slow_answer(
+    ws: ClientConnection, bedrock: FakeBedrock, question: str, session_id: str, tokens: int = 3
+) -> list[dict]:
+    """Ask a question whose answer is 200 tokens, 50 ms apart; return the frames up to the first `tokens` tokens."""
+    bedrock.replies[question] = Reply(tokens=[f" w{i}" for i in range(200)], delay=0.05)
+    ws.send(json.dumps({"question": question, "session_id": session_id}))
+    return [json.loads(ws.recv(timeout=5)) for _ in range(1 + tokens)]
+
+
+# Cancel: the answer ends with what was sent and stop_reason "cancelled", Bedrock's stream is closed within
+# 0.5 s, and the partial answer stays in the session's history.
+def test_cancel(ws: ClientConnection, bedrock: FakeBedrock) -> None:
+    frames = start_slow_answer(ws, bedrock, "tell me a long story", "story")
+    ws.send(json.dumps({"type": "cancel"}))
+    cancelled_at = time.monotonic()
+    frames += read_answer(ws)
+    sent = "".join(f["text"] for f in frames if f["type"] == "token")
+    assert frames[-1] == {
+        "type": "end",
+        "session_id": "story",
+        "full_text": sent,
+        "stop_reason": "cancelled",
+        "usage": {"input_tokens": 0, "output_tokens": 0},
+    }
+    assert sent.startswith(" w0 w1 w2") and len(frames) < 30
+    (call,) = bedrock.calls_for("tell me a long story")
+    wait_for(lambda: call.client_closed_at, 0.5, "the Bedrock stream to close")
+    assert call.client_closed_at - cancelled_at < 0.5 and not call.finished
+    ask(ws, "and then?", "story")
+    assert bedrock.calls_for("and then?")[0].body["messages"] == text("tell me a long story", sent, "and then?")
+
+
+# A cancel with nothing streaming is ignored: no frame, and the next question is answered normally.
+def test_cancel_when_idle_is_ignored(ws: ClientConnection) -> None:
+    ws.send(json.dumps({"type": "cancel"}))
+    assert ask(ws, "idle cancel") == answer_frames("s1", echo_tokens("idle cancel"), 10)
+
+
+# A client that leaves mid-answer gets its Bedrock stream closed within 0.5 s.
+def test_disconnect_mid_answer_closes_upstream(server: Server, bedrock: FakeBedrock) -> None:
+    with connect(server.ws_url) as ws:
+        start_slow_answer(ws, bedrock, "leaving soon", "leave")
+    left_at = time.monotonic()
+    (call,) = bedrock.calls_for("leaving soon")
+    wait_for(lambda: call.client_closed_at, 0.5, "the Bedrock stream to close")
+    assert call.client_closed_at - left_at < 0.5 and 3 <= call.tokens_sent < 20
+    wait_for(lambda: server.health()["streams"] == 0, 2, "the stream to end")
+
+
+# A client that leaves before the first token: the Bedrock request is abandoned before any token is read.
+def test_disconnect_before_first_token(server: Server, bedrock: FakeBedrock) -> None:
+    bedrock.replies["slow to start"] = Reply(tokens=["late"], first_delay=1.0)
+    with connect(server.ws_url) as ws:
+        ws.send(json.dumps({"question": "slow to start", "session_id": "early"}))
+        assert json.loads(ws.recv(timeout=5)) == {"type": "start", "session_id": "early"}
+        wait_for(lambda: bedrock.calls_for("slow to start"), 2, "the Bedrock request")
+    left_at = time.monotonic()
+    (call,) = bedrock.calls_for("slow to start")
+    wait_for(lambda: call.client_closed_at, 0.5, "the Bedrock stream to close")
+    assert call.client_closed_at - left_at < 0.5 and call.tokens_sent == 0
+
+
+# A second question on a busy connection gets "busy" with its own session id; the running answer is untouched.
+def test_busy_connection(ws: ClientConnection, bedrock: FakeBedrock) -> None:
+    bedrock.replies["first in line"] = Reply(tokens=[f" t{i}" for i in range(20)], delay=0.02)
+    ws.send(json.dumps({"question": "first in line", "session_id": "one"}))
+    assert json.loads(ws.recv(timeout=5)) == {"type": "start", "session_id": "one"}
+    ws.send(json.dumps({"question": "me too", "session_id": "two"}))
+    frames = read_answer(ws) + read_answer(ws)  # the busy error, and the first answer's end, in either order
+    busy = {"type": "error", "session_id": "two", "code": "busy", "message": MESSAGES_BUSY}
+    assert busy in frames
+    frames.remove(busy)
+    assert [{"type": "start", "session_id": "one"}, *frames] == answer_frames("one", [f" t{i}" for i in range(20)], 10)
+    assert not bedrock.calls_for("me too")
+
+
+MESSAGES_BUSY = "An answer is already streaming; wait for it or cancel it."
+
+
+# MAX_CONCURRENT_STREAMS caps streams across connections: one over it gets "busy" at once, not a queue.
+def test_max_concurrent_streams(tmp_path: Path, bedrock: FakeBedrock) -> None:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, MAX_CONCURRENT_STREAMS=2) as server:
+        with connect(server.ws_url) as a, connect(server.ws_url) as b, connect(server.ws_url) as c:
+            start_slow_answer(a, bedrock, "cap a", "a", tokens=1)
+            start_slow_answer(b, bedrock, "cap b", "b", tokens=1)
+            asked_at = time.monotonic()
+            c.send(json.dumps({"question": "cap c", "session_id": "c"}))
+            assert json.loads(c.recv(timeout=5)) == {
+                "type": "error",
+                "session_id": "c",
+                "code": "busy",
+                "message": MESSAGES_BUSY,
+            }
+            assert time.monotonic() - asked_at < 0.5
+            a.send(json.dumps({"type": "cancel"}))
+            read_answer(a)
+            assert ask(c, "cap c", "c")[-1]["stop_reason"] == "end_turn"
+
+
+# A session live on another connection cannot be read or extended from here.
+def test_session_in_use(server: Server, bedrock: FakeBedrock) -> None:
+    with connect(server.ws_url) as owner, connect(server.ws_url) as intruder:
+        ask(owner, "private note", "mine")
+        intruder.send(json.dumps({"question": "what did they say", "session_id": "mine"}))
+        assert json.loads(intruder.recv(timeout=5)) == {
+            "type": "error",
+            "session_id": "mine",
+            "code": "session_in_use",
+            "message": "This session is open on another connection.",
+        }
+        ask(owner, "still private", "mine")
+    assert not bedrock.calls_for("what did they say")
+    assert bedrock.calls_for("still private")[0].body["messages"] == text(
+        "private note", echo("private note"), "still private"
+    )
+
+
+# Thousands of connect/ask/close cycles leave no connections, sessions or streams, and memory stays flat.
+def test_memory_stays_flat(server: Server) -> None:
+    async def cycles(n: int) -> None:
+        async def one(i: int) -> None:
+            async with websockets.connect(server.ws_url) as ws:
+                await ws.send(json.dumps({"question": f"cycle {i}", "session_id": f"cycle-{i}"}))
+                while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] not in ("end", "error"):
+                    pass
+
+        for start in range(0, n, 50):
+            await asyncio.gather(*(one(i) for i in range(start, start + 50)))
+
+    def rss_kib() -> int:
+        status = Path(f"/proc/{server.process.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+
+    asyncio.run(cycles(500))  # warm up: pools, caches, allocator arenas
+    before = rss_kib()
+    asyncio.run(cycles(2000))
+    wait_for(lambda: server.health() == {"status": "ok", "connections": 0, "sessions": 0, "streams": 0}, 5, "idle")
+    assert rss_kib() - before < 8 * 1024, f"RSS grew from {before} KiB to {rss_kib()} KiB"
+
+
+# --- security by default
+
+
+@pytest.fixture(scope="module")
+def guarded(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    settings = {"CHAT_API_KEY": API_KEY, "ALLOWED_ORIGINS": "https://app.example, https://other.example/"}
+    with run_server(tmp_path_factory.mktemp("guarded"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
+        yield server
+
+
+API_KEY = "k3y/with+odd=chars"
+QUOTED_KEY = "k3y%2Fwith%2Bodd%3Dchars"
+HANDSHAKES = {
+    "no key": ({}, "", 403),
+    "wrong key": ({"Authorization": "Bearer nope"}, "", 403),
+    "key as basic auth": ({"Authorization": f"Basic {API_KEY}"}, "", 403),
+    "wrong token": ({}, "?token=nope", 403),
+    "bearer key": ({"Authorization": f"Bearer {API_KEY}"}, "", 101),
+    "token in query": ({}, f"?token={QUOTED_KEY}", 101),
+    "foreign origin": ({"Authorization": f"Bearer {API_KEY}", "Origin": "https://evil.example"}, "", 403),
+    "listed origin": ({"Authorization": f"Bearer {API_KEY}", "Origin": "https://app.example"}, "", 101),
+    "listed origin 2": ({"Origin": "https://other.example"}, f"?token={QUOTED_KEY}", 101),
+    "same host origin": ({"Authorization": f"Bearer {API_KEY}", "Origin": "http://{host}"}, "", 101),
+}
+
+
+# CHAT_API_KEY and ALLOWED_ORIGINS are checked before the socket is accepted: HTTP 403, or a working socket.
+@pytest.mark.parametrize("headers,query,status", HANDSHAKES.values(), ids=HANDSHAKES.keys())
+def test_handshake_guard(guarded: Server, headers: dict[str, str], query: str, status: int) -> None:
+    headers = {k: v.format(host=f"127.0.0.1:{guarded.port}") for k, v in headers.items()}
+    origin = headers.pop("Origin", None)
+    if status == 403:
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            connect(guarded.ws_url + query, additional_headers=headers, origin=origin)
+        assert refused.value.response.status_code == 403
+    else:
+        with connect(guarded.ws_url + query, additional_headers=headers, origin=origin) as ws:
+            assert ask(ws, "guarded")[-1]["full_text"] == echo("guarded")
+
+
+# The key never reaches the log, even though uvicorn logs each path with its query string.
+def test_api_key_not_logged(guarded: Server) -> None:
+    with connect(f"{guarded.ws_url}?token={QUOTED_KEY}") as ws:
+        ask(ws, "log check")
+    httpx.get(f"{guarded.http}/?token={QUOTED_KEY}")
+    wait_for(lambda: "log check" in guarded.log() or "GET /?token=***" in guarded.log(), 5, "the access log line")
+    assert API_KEY not in guarded.log() and QUOTED_KEY not in guarded.log()
+    assert "/ws/chat/completions?token=***" in guarded.log()
+
+
+# --- operations
+
+
+# One INFO line per answer with timings, token counts and outcome; never the question or answer text.
+def test_one_log_line_per_answer(ws: ClientConnection, server: Server) -> None:
+    ask(ws, "confidential question text", "logged")
+    wait_for(lambda: "session='logged'" in server.log(), 5, "the answer's log line")
+    (line,) = [line for line in server.log().splitlines() if "session='logged'" in line]
+    assert re.search(
+        r"INFO: +answer session='logged' model=amazon.nova-micro-v1:0 ttft_ms=\d+ duration_ms=\d+ "
+        r"tokens_in=10 tokens_out=4 outcome=end$",
+        line,
+    ), line
+    assert "confidential" not in server.log()
+
+
+# SIGTERM: streaming clients are closed with 1012 (they may reconnect), and the process exits within 10 s.
+def test_sigterm_closes_clients_and_exits(tmp_path: Path, bedrock: FakeBedrock) -> None:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url) as server, contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(connect(server.ws_url)) for _ in range(3)]
+        for i, ws in enumerate(clients):
+            start_slow_answer(ws, bedrock, f"until shutdown {i}", f"s{i}", tokens=1)
+        server.process.send_signal(signal.SIGTERM)
+        signalled_at = time.monotonic()
+        for ws in clients:
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    ws.recv(timeout=10)
+            assert closed.value.rcvd.code in (1001, 1012)
+        assert server.process.wait(timeout=10) == -signal.SIGTERM  # uvicorn re-raises the signal once it is done
+        assert "Application shutdown complete." in server.log()
+        assert time.monotonic() - signalled_at < 10
+    for i in range(3):
+        wait_for(lambda i=i: bedrock.calls_for(f"until shutdown {i}")[0].client_closed_at, 1, "upstream closed")
