@@ -232,7 +232,6 @@ async def stream_model(messages: list[BaseMessage]) -> AsyncIterator[AIMessageCh
 # --- errors: every upstream failure becomes one documented code, in one place
 
 ERROR_MESSAGES = {
-    "invalid_request": "The request is not valid.",
     "busy": "An answer is already streaming; wait for it or cancel it.",
     "throttled": "The model is receiving too many requests; try again shortly.",
     "access_denied": "The server is not allowed to use the model; check its AWS credentials and permissions.",
@@ -468,7 +467,7 @@ PAGE = """<!doctype html>
   :root { color-scheme: light dark; --accent: #1756a9; --muted: #666; font: 16px/1.5 system-ui, sans-serif; }
   body { margin: 0 auto; max-width: 46rem; min-height: 100dvh; display: flex; flex-direction: column; padding: 0 1rem; }
   header { display: flex; gap: 1rem; align-items: center; padding: .75rem 0; border-bottom: 1px solid #8884; }
-  h1 { font-size: 1.1rem; margin: 0; flex: 1; }
+  h1 { font-size: 1.1rem; margin: 0; flex: 1; white-space: nowrap; }
   #state { font-size: .85rem; color: var(--muted); } #state.connected { color: #1a7f37; }
   #log { flex: 1; padding: 1rem 0; }
   .msg { white-space: pre-wrap; overflow-wrap: anywhere; margin: .5rem 0; padding: .5rem .75rem; border-radius: .5rem; }
@@ -520,10 +519,13 @@ function connect() {
     const frame = JSON.parse(event.data);
     if (frame.type === "start") answer = show("bot", "");
     else if (frame.type === "token") { answer.append(frame.text); answer.scrollIntoView({ block: "end" }); }
-    else if (frame.type === "end") {
-      if (frame.stop_reason === "cancelled") show("note", "Stopped.");
+    else {  // end or error
+      if (answer && !answer.textContent) answer.remove();
+      if (frame.type === "error") show("error", `${frame.message} (${frame.code})`);
+      else if (frame.stop_reason === "cancelled") show("note", "Stopped.");
+      answer = null;
       setStreaming(false);
-    } else if (frame.type === "error") { show("error", `${frame.message} (${frame.code})`); setStreaming(false); }
+    }
   };
 }
 

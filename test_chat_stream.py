@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -274,8 +275,10 @@ class Server:
 
 
 @contextlib.contextmanager
-def run_server(tmp_path: Path, script: Path = HERE / "chat_stream.py", **settings: Any) -> Iterator[Server]:
-    port = free_port()
+def run_server(
+    tmp_path: Path, script: Path = HERE / "chat_stream.py", port: int | None = None, **settings: Any
+) -> Iterator[Server]:
+    port = port or free_port()
     log_path = tmp_path / f"server-{port}.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
@@ -956,3 +959,143 @@ def test_sigterm_closes_clients_and_exits(tmp_path: Path, bedrock: FakeBedrock) 
         assert time.monotonic() - signalled_at < 10
     for i in range(3):
         wait_for(lambda i=i: bedrock.calls_for(f"until shutdown {i}")[0].client_closed_at, 1, "upstream closed")
+
+
+# --- the chat page, in a real headless Chromium
+
+CHROMIUM = shutil.which("chromium")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="needs Debian's Chromium: apt-get install chromium (.ci/run installs it)"
+)
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                  "--disable-background-networking", "--disable-component-update"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    page = browser.new_page()
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.dialogs = dialogs
+    yield page
+    page.close()
+
+
+# Type a question and press Enter: the answer grows token by token, then is complete; Shift+Enter adds a line.
+@needs_chromium
+def test_page_streams_an_answer(page: Any, server: Server, bedrock: FakeBedrock) -> None:
+    from playwright.sync_api import expect
+
+    tokens = [f" part{i}" for i in range(30)]
+    bedrock.replies["first line\nsecond line"] = Reply(tokens=tokens, delay=0.03)
+    page.goto(server.http + "/")
+    expect(page.locator("#state")).to_have_text("connected")
+    page.locator("#question").type("first line")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("second line")
+    page.keyboard.press("Enter")
+    expect(page.locator(".user")).to_have_text("first line\nsecond line")
+    seen = set()
+    deadline = time.monotonic() + 10
+    while (answer := page.locator(".bot").text_content() or "") != "".join(tokens):
+        assert time.monotonic() < deadline, answer
+        seen.add(answer)
+    assert len(seen) > 5, seen  # it grew in steps, not all at once
+    expect(page.locator("#send")).to_have_text("Send")
+
+
+# Stop sends a cancel: the answer stops growing, the page says so, and the Bedrock stream is closed.
+@needs_chromium
+def test_page_stop_button(page: Any, server: Server, bedrock: FakeBedrock) -> None:
+    from playwright.sync_api import expect
+
+    bedrock.replies["a very long answer please"] = Reply(tokens=[f" w{i}" for i in range(400)], delay=0.05)
+    page.goto(server.http + "/")
+    expect(page.locator("#state")).to_have_text("connected")
+    page.locator("#question").fill("a very long answer please")
+    page.keyboard.press("Enter")
+    expect(page.locator(".bot")).to_contain_text("w3")
+    page.locator("#send", has_text="Stop").click()
+    expect(page.locator(".note")).to_have_text("Stopped.")
+    expect(page.locator("#send")).to_have_text("Send")
+    (call,) = bedrock.calls_for("a very long answer please")
+    wait_for(lambda: call.client_closed_at, 1, "the Bedrock stream to close")
+    shown = page.locator(".bot").text_content()
+    assert shown.startswith(" w0 w1 w2 w3") and call.tokens_sent < 100
+    assert page.locator(".bot").text_content() == shown  # nothing arrives after the end frame
+
+
+# Markup in a question or an answer is shown as text and runs nothing.
+@needs_chromium
+def test_page_renders_text_not_html(page: Any, server: Server) -> None:
+    from playwright.sync_api import expect
+
+    markup = "<img src=x onerror=alert(1)><script>alert(2)</script>"
+    page.goto(server.http + "/")
+    expect(page.locator("#state")).to_have_text("connected")
+    page.locator("#question").fill(markup)
+    page.keyboard.press("Enter")
+    expect(page.locator(".user")).to_have_text(markup)
+    expect(page.locator(".bot")).to_have_text(echo(markup))
+    assert page.locator("#log img, #log script").count() == 0 and page.dialogs == []
+
+
+# "New conversation" starts a new session: the next request carries no history.
+@needs_chromium
+def test_page_new_conversation(page: Any, server: Server, bedrock: FakeBedrock) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(server.http + "/")
+    expect(page.locator("#state")).to_have_text("connected")
+    page.locator("#question").fill("page turn one")
+    page.keyboard.press("Enter")
+    expect(page.locator(".bot")).to_have_text(echo("page turn one"))
+    page.locator("#new").click()
+    expect(page.locator("#log")).to_be_empty()
+    page.locator("#question").fill("page turn two")
+    page.keyboard.press("Enter")
+    expect(page.locator(".bot")).to_have_text(echo("page turn two"))
+    assert bedrock.calls_for("page turn two")[0].body["messages"] == text("page turn two")
+
+
+# An error frame is shown plainly; after a dropped connection the page reconnects by itself.
+@needs_chromium
+def test_page_errors_and_reconnect(page: Any, tmp_path: Path, bedrock: FakeBedrock) -> None:
+    from playwright.sync_api import expect
+
+    bedrock.replies["page error please"] = Reply(http_error=(403, "AccessDeniedException"))
+    port = free_port()
+    with run_server(tmp_path, port=port, BEDROCK_ENDPOINT_URL=bedrock.url) as server:
+        page.goto(server.http + "/")
+        expect(page.locator("#state")).to_have_text("connected")
+        page.locator("#question").fill("page error please")
+        page.keyboard.press("Enter")
+        expect(page.locator(".error")).to_have_text(f"{MESSAGES['access_denied']} (access_denied)")
+    expect(page.locator("#state")).to_contain_text("disconnected")
+    with run_server(tmp_path, port=port, BEDROCK_ENDPOINT_URL=bedrock.url):
+        expect(page.locator("#state")).to_have_text("connected", timeout=15_000)
+        page.locator("#question").fill("back again")
+        page.keyboard.press("Enter")
+        expect(page.locator(".bot")).to_have_text(echo("back again"))
+
+
+# With CHAT_API_KEY set, /?token=<key> makes the page pass the key on its handshake; the page holds no secret.
+@needs_chromium
+def test_page_passes_token(page: Any, guarded: Server) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{guarded.http}/?token={QUOTED_KEY}")
+    expect(page.locator("#state")).to_have_text("connected")
+    assert API_KEY not in page.content() and QUOTED_KEY not in page.content()
+    page.goto(f"{guarded.http}/")
+    expect(page.locator("#state")).to_contain_text("disconnected")
