@@ -18,6 +18,7 @@ unavailable, timeout, internal. After any error the connection stays open.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -26,7 +27,7 @@ import re
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import aclosing, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
@@ -126,16 +127,19 @@ class BedrockChat(ChatBedrockConverse):
     """ChatBedrockConverse whose async stream reads Bedrock with aiobotocore.
 
     LangChain's default `astream` runs every chunk's `next()` in a thread pool, which caps how many answers
-    a process can stream at full speed; here each answer is a coroutine and costs no thread. Requests and
-    chunks are built and parsed by langchain-aws's own Converse helpers, so messages and metadata match
-    `ChatBedrockConverse.stream()` exactly.
+    a process can stream at full speed; here each answer is a coroutine and costs no thread. Requests are built
+    by langchain-aws's own Converse helpers. Text deltas become plain-string chunks, the cheapest kind LangChain
+    has; every other event (usage, stop reason, tool use, reasoning) is parsed by langchain-aws as in
+    `ChatBedrockConverse.stream()`.
     """
 
     aclient: Any = None  # aiobotocore "bedrock-runtime" client, open inside `connect()`
 
     @asynccontextmanager
-    async def connect(self, pool_size: int, read_timeout: float) -> AsyncIterator[None]:
-        config = AioConfig(max_pool_connections=pool_size, read_timeout=read_timeout)
+    async def connect(self, pool_size: int, timeout: float) -> AsyncIterator[None]:
+        """Open the aiobotocore client for the life of the app. `timeout`: seconds Bedrock may stay silent,
+        before or during an answer; the stream then fails with a TimeoutError and its connection is closed."""
+        config = AioConfig(max_pool_connections=pool_size, connect_timeout=timeout, read_timeout=timeout)
         session = AioSession(profile=self.credentials_profile_name)
         async with session.create_client(
             "bedrock-runtime", region_name=self.region_name, endpoint_url=self.endpoint_url, config=config
@@ -155,8 +159,10 @@ class BedrockChat(ChatBedrockConverse):
         try:
             async for event in stream:
                 finished = finished or "messageStop" in event
-                if chunk := _parse_stream_event(event):
-                    yield ChatGenerationChunk(message=chunk)
+                if "text" in (delta := event.get("contentBlockDelta", {}).get("delta", {})):
+                    yield ChatGenerationChunk(message=AIMessageChunk(delta["text"]))  # the hot path: plain text
+                elif "messageStart" not in event and "contentBlockStop" not in event:  # those carry nothing
+                    yield ChatGenerationChunk(message=_parse_stream_event(event))
         finally:
             stream.close()  # subtle: closes the HTTP connection now, even when cancelled, not at garbage collection
         if not finished:
@@ -213,20 +219,6 @@ def build_model() -> BaseChatModel:
 
 
 MODEL = build_model()  # one model, and one connection pool, for the whole process
-
-
-async def stream_model(messages: list[BaseMessage]) -> AsyncIterator[AIMessageChunk]:
-    """MODEL.astream, failing with TimeoutError when the model stays silent for STREAM_TIMEOUT."""
-    chunks = MODEL.astream(messages)
-    try:
-        while True:
-            async with asyncio.timeout(STREAM_TIMEOUT):
-                chunk = await anext(chunks, None)
-            if chunk is None:
-                return
-            yield chunk
-    finally:
-        await chunks.aclose()
 
 
 # --- errors: every upstream failure becomes one documented code, in one place
@@ -292,14 +284,15 @@ async def answer(ws: WebSocket, session_id: str, session: Session, question: str
     outcome = "end"
     try:
         await send(ws, {"type": "start", "session_id": session_id})
-        async for chunk in stream_model(messages):
-            if text := chunk.text:
-                first_token = first_token or time.perf_counter()
-                parts.append(text)  # before the send: a cancel can only land after the frame was written
-                await send(ws, {"type": "token", "text": text})
-            stop_reason = chunk.response_metadata.get("stopReason", stop_reason)
-            if chunk.usage_metadata:
-                usage = {k: chunk.usage_metadata[k] for k in usage}
+        async with aclosing(MODEL.astream(messages)) as chunks:  # closed even when our own send fails
+            async for chunk in chunks:
+                if text := chunk.text:
+                    first_token = first_token or time.perf_counter()
+                    parts.append(text)  # before the send: a cancel can only land after the frame was written
+                    await send(ws, {"type": "token", "text": text})
+                stop_reason = chunk.response_metadata.get("stopReason", stop_reason)
+                if chunk.usage_metadata:
+                    usage = {k: chunk.usage_metadata[k] for k in usage}
     except asyncio.CancelledError as exc:
         if exc.args != ("cancel",):  # the connection is closing: let the cancellation through
             outcome = "disconnected"
@@ -456,6 +449,11 @@ if CHAT_API_KEY:
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     connection = MODEL.connect(MAX_CONCURRENT_STREAMS, STREAM_TIMEOUT) if isinstance(MODEL, BedrockChat) else None
     async with connection or nullcontext():
+        # subtle: LangChain allocates several objects per token. Freezing the ~200k objects of the imported libraries
+        # keeps full collections from scanning them all, and a larger young generation collects ~70x less often;
+        # together they cut CPU per token by a fifth and the p99 gap between tokens by two thirds (README).
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
         log.info("chat-stream ready: model=%s", BEDROCK_MODEL_ID)
         yield
 

@@ -93,11 +93,12 @@ def echo_tokens(question: str) -> list[str]:
 class FakeBedrock:
     """A Bedrock runtime on 127.0.0.1: ConverseStream and InvokeModelWithResponseStream, errors included."""
 
-    def __init__(self) -> None:
+    def __init__(self, default: Reply | None = None) -> None:
         self.calls: list[Call] = []
-        self.replies: dict[str, Reply] = {}
+        self.replies: dict[str, Reply] = {}  # by question; others get `default`
+        self.default = default or Reply()
         self.loop = asyncio.new_event_loop()
-        self.server = self.loop.run_until_complete(asyncio.start_server(self.handle, "127.0.0.1", 0))
+        self.server = self.loop.run_until_complete(asyncio.start_server(self.handle, "127.0.0.1", 0, backlog=1024))
         self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
 
@@ -120,17 +121,19 @@ class FakeBedrock:
                 watch = asyncio.ensure_future(reader.read(1))
                 if not await self.respond(call, writer, watch):
                     break
-                if watch.done():
-                    prefix = watch.result()
-                    if not prefix:
-                        break
+                watch.cancel()  # a no-op if the client already sent something (or closed)
+                try:
+                    prefix = await watch
+                except asyncio.CancelledError:
+                    prefix = b""
                 else:
-                    watch.cancel()
+                    if not prefix:
+                        break  # the client closed the connection
         writer.close()
 
     async def respond(self, call: Call, writer: asyncio.StreamWriter, watch: asyncio.Future) -> bool:
         """Answer one request; False when the connection must close."""
-        reply = self.replies.get(last_question(call.body), Reply())
+        reply = self.replies.get(last_question(call.body), self.default)
         tokens = echo_tokens(last_question(call.body)) if reply.tokens is None else reply.tokens
         if reply.http_error:
             status, kind = reply.http_error
@@ -290,7 +293,7 @@ def run_server(
         )
     server = Server(process, port, log_path)
     try:
-        wait_for(lambda: process.poll() is not None or healthy(server), 30, "server start")
+        wait_for(lambda: process.poll() is not None or healthy(server.http), 30, "server start")
         assert process.poll() is None, server.log()
         yield server
     finally:
@@ -298,9 +301,9 @@ def run_server(
         process.wait()
 
 
-def healthy(server: Server) -> bool:
+def healthy(http: str) -> bool:
     try:
-        return httpx.get(f"{server.http}/healthz", timeout=1).status_code == 200
+        return httpx.get(f"{http}/healthz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -967,8 +970,15 @@ CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="needs Debian's Chromium: apt-get install chromium (.ci/run installs it)"
 )
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                  "--disable-background-networking", "--disable-component-update"]  # fmt: skip
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
 
 
 @pytest.fixture(scope="module")
@@ -1099,3 +1109,20 @@ def test_page_passes_token(page: Any, guarded: Server) -> None:
     assert API_KEY not in page.content() and QUOTED_KEY not in page.content()
     page.goto(f"{guarded.http}/")
     expect(page.locator("#state")).to_contain_text("disconnected")
+
+
+# WORKERS=2 runs two uvicorn worker processes under one supervisor, each serving the protocol.
+def test_workers(tmp_path: Path, bedrock: FakeBedrock) -> None:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, WORKERS=2) as server:
+        wait_for(lambda: server.log().count("chat-stream ready") == 2, 30, "two workers")
+        children = [p for p in Path("/proc").iterdir() if p.name.isdigit() and parent_pid(p) == server.process.pid]
+        assert len([p for p in children if b"spawn_main" in (p / "cmdline").read_bytes()]) == 2
+        with connect(server.ws_url) as ws:
+            assert ask(ws, "two workers") == answer_frames("s1", echo_tokens("two workers"), 10)
+
+
+def parent_pid(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,311 @@
+"""Benchmark: many concurrent WebSocket streams through chat_stream.py, against the test suite's Bedrock stand-in.
+
+Run: .venv/bin/python bench_chat_stream.py            (about three minutes on two cores)
+     .venv/bin/python bench_chat_stream.py -n 1 100 --rounds 2 --no-baseline
+
+The stand-in answers every question after 300 ms with 50 text deltas 20 ms apart, so the ideal answer takes
+1.28 s at any concurrency. For each N, N clients connect, then ask at the same moment; the benchmark reports
+streams answered exactly, time to first token and answer time (p50/p99), the p99 gap between tokens, and the
+server's CPU time per streamed token (user + system, all its processes). The same load runs against a
+baseline: a minimal native-async server (aiobotocore straight to the socket, no LangChain), the floor that
+chat_stream.py is measured against. Writes a table to stdout, and docs/bench.json and docs/bench.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import websockets
+
+from test_chat_stream import FakeBedrock, Reply, echo, free_port, healthy, server_env, wait_for
+
+HERE = Path(__file__).parent
+FIRST_DELAY, DELTAS, GAP = 0.3, 50, 0.02
+IDEAL = FIRST_DELAY + (DELTAS - 1) * GAP
+
+
+# --- the Bedrock stand-in, in a process of its own so that it does not share the clients' event loop
+
+
+def serve_bedrock(pipe: Any) -> None:
+    bedrock = FakeBedrock(default=Reply(first_delay=FIRST_DELAY, delay=GAP))
+    pipe.send(bedrock.url)
+    pipe.recv()  # until the benchmark is done
+
+
+# --- the baseline: native async Bedrock calls written straight to the socket, same protocol, no LangChain
+
+
+def baseline_app() -> Any:
+    from contextlib import asynccontextmanager
+
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import AioSession
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route, WebSocketRoute
+    from starlette.websockets import WebSocket, WebSocketDisconnect
+
+    clients: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> Any:
+        config = AioConfig(max_pool_connections=1024)
+        endpoint = os.environ["BEDROCK_ENDPOINT_URL"]
+        client = AioSession().create_client("bedrock-runtime", "us-east-1", endpoint_url=endpoint, config=config)
+        async with client as c:
+            clients["bedrock"] = c
+            yield
+
+    async def chat(ws: WebSocket) -> None:
+        await ws.accept()
+        try:
+            while True:
+                request = json.loads(await ws.receive_text())
+                session_id = request["session_id"]
+                await ws.send_text(json.dumps({"type": "start", "session_id": session_id}))
+                response = await clients["bedrock"].converse_stream(
+                    modelId="amazon.nova-micro-v1:0",
+                    messages=[{"role": "user", "content": [{"text": request["question"]}]}],
+                )
+                parts: list[str] = []
+                async for event in response["stream"]:
+                    if text := event.get("contentBlockDelta", {}).get("delta", {}).get("text"):
+                        parts.append(text)
+                        await ws.send_text(json.dumps({"type": "token", "text": text}))
+                end = {"type": "end", "session_id": session_id, "full_text": "".join(parts), "stop_reason": "end_turn"}
+                await ws.send_text(json.dumps(end))
+        except WebSocketDisconnect:
+            pass
+
+    async def healthz(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    routes = [Route("/healthz", healthz), WebSocketRoute("/ws/chat/completions", chat)]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+# --- servers, CPU accounting
+
+
+def start_server(kind: str, bedrock_url: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    env = server_env(PORT=port, BEDROCK_ENDPOINT_URL=bedrock_url)
+    if kind == "chat_stream":
+        command = [sys.executable, "chat_stream.py"]  # as users start it
+    else:
+        app, flags = "bench_chat_stream:baseline_app", ["--ws-per-message-deflate", "false", "--log-level", "warning"]
+        command = [sys.executable, "-m", "uvicorn", "--factory", app, "--port", str(port), *flags]
+    process = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: process.poll() is not None or healthy(f"http://127.0.0.1:{port}"), 60, f"{kind} to start")
+    assert process.poll() is None, f"{kind} did not start"
+    return process, port
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            total += (int(stats[p][11]) + int(stats[p][12])) / os.sysconf("SC_CLK_TCK")
+        todo += children.get(p, [])
+    return total
+
+
+# --- the load
+
+
+async def one_client(url: str, i: int, go: asyncio.Event, ready: asyncio.Queue) -> dict[str, Any]:
+    question = " ".join(f"c{i}w{j}" for j in range(DELTAS - 1))  # echoed as exactly DELTAS tokens
+    async with websockets.connect(url, compression=None, max_size=None, open_timeout=60) as ws:
+        ready.put_nowait(i)
+        await go.wait()
+        sent = time.perf_counter()
+        await ws.send(json.dumps({"question": question, "session_id": f"bench-{i}"}))
+        tokens, times = [], []
+        while True:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            now = time.perf_counter()
+            if frame["type"] == "token":
+                tokens.append(frame["text"])
+                times.append(now)
+            elif frame["type"] in ("end", "error"):
+                break
+    exact = frame["type"] == "end" and "".join(tokens) == frame["full_text"] == echo(question)
+    return {
+        "exact": exact,
+        "busy": frame.get("code") == "busy",
+        "error": frame.get("code"),
+        "ttft": times[0] - sent if times else None,
+        "total": now - sent,
+        "gaps": [b - a for a, b in zip(times, times[1:], strict=False)],
+        "tokens": len(tokens),
+    }
+
+
+async def one_round(url: str, n: int, pid: int) -> tuple[list[dict[str, Any]], float]:
+    go, ready = asyncio.Event(), asyncio.Queue()
+    clients = [asyncio.create_task(one_client(url, i, go, ready)) for i in range(n)]
+    for _ in range(n):
+        await ready.get()
+    cpu = cpu_seconds(pid)
+    go.set()
+    results = await asyncio.gather(*clients)
+    return results, cpu_seconds(pid) - cpu
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+
+def measure(kind: str, bedrock_url: str, ns: list[int], rounds: int) -> list[dict[str, Any]]:
+    process, port = start_server(kind, bedrock_url)
+    url = f"ws://127.0.0.1:{port}/ws/chat/completions"
+    rows = []
+    try:
+        asyncio.run(one_round(url, 10, process.pid))  # warm up: imports, pools, caches
+        for n in ns:
+            results, cpu = [], 0.0
+            for _ in range(rounds if n > 1 else rounds * 5):
+                r, c = asyncio.run(one_round(url, n, process.pid))
+                results += r
+                cpu += c
+            answered = [r for r in results if not r["busy"]]
+            tokens = sum(r["tokens"] for r in results)
+            row = {
+                "server": kind,
+                "n": n,
+                "streams": len(results),
+                "exact": sum(r["exact"] for r in results),
+                "busy": sum(r["busy"] for r in results),
+                "errors": sorted({r["error"] for r in results if r["error"] and not r["busy"]}),
+                "busy_p99_s": percentile([r["total"] for r in results if r["busy"]], 99),
+                "ttft_p50_s": percentile([r["ttft"] for r in answered if r["ttft"] is not None], 50),
+                "ttft_p99_s": percentile([r["ttft"] for r in answered if r["ttft"] is not None], 99),
+                "answer_p50_s": percentile([r["total"] for r in answered], 50),
+                "answer_p99_s": percentile([r["total"] for r in answered], 99),
+                "gap_p99_ms": 1000 * percentile([g for r in answered for g in r["gaps"]], 99),
+                "cpu_per_token_us": 1e6 * cpu / tokens if tokens else None,
+            }
+            rows.append(row)
+            print(format_row(row), flush=True)
+    finally:
+        process.terminate()
+        process.wait()
+    return rows
+
+
+# --- report
+
+
+HEADER = (
+    f"{'server':<12} {'N':>4} {'exact':>9} {'busy':>5} {'ttft p50':>9} {'ttft p99':>9} "
+    f"{'answer p50':>11} {'answer p99':>11} {'gap p99':>8} {'CPU/token':>10} {'busy p99':>9}"
+)
+
+
+def format_row(row: dict[str, Any]) -> str:
+    def s(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}s"
+
+    cpu = "-" if row["cpu_per_token_us"] is None else f"{row['cpu_per_token_us']:.0f}us"
+    exact = f"{row['exact']}/{row['streams'] - row['busy']}"
+    return (
+        f"{row['server']:<12} {row['n']:>4} {exact:>9} {row['busy']:>5} {s(row['ttft_p50_s']):>9} "
+        f"{s(row['ttft_p99_s']):>9} {s(row['answer_p50_s']):>11} {s(row['answer_p99_s']):>11} "
+        f"{row['gap_p99_ms']:>6.0f}ms {cpu:>10} {s(row['busy_p99_s']):>9}"
+    )
+
+
+def chart(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for kind, color in (("chat_stream", "tab:blue"), ("baseline", "tab:gray")):
+        mine = [r for r in rows if r["server"] == kind]
+        if mine:
+            ns = [r["n"] for r in mine]
+            ax.plot(ns, [r["answer_p99_s"] for r in mine], "o-", color=color, label=f"{kind} p99")
+            ax.plot(ns, [r["answer_p50_s"] for r in mine], "o--", color=color, alpha=0.6, label=f"{kind} p50")
+            for r in mine:
+                if r["busy"]:
+                    streamed = r["n"] - r["busy"] // (r["streams"] // r["n"])
+                    note = f"{r['n']} asked: {streamed} streamed,\nthe rest told busy"
+                    ax.annotate(
+                        note,
+                        (r["n"], r["answer_p99_s"]),
+                        xytext=(-120, -40),
+                        textcoords="offset points",
+                        fontsize=8,
+                        arrowprops={"arrowstyle": "->", "color": color},
+                    )
+    ax.axhline(IDEAL, color="tab:green", linestyle=":", label=f"ideal ({IDEAL:.2f} s)")
+    ax.set_xlabel("concurrent streams (N)")
+    ax.set_ylabel("answer time (s)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Answer time vs concurrency (one worker, 2 cores)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-n", type=int, nargs="+", default=[1, 50, 100, 200, 400], help="concurrencies")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per N (N=1 runs five times as many)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the native-async baseline server")
+    parser.add_argument("--out", type=Path, default=HERE / "docs", help="folder for bench.json and bench.png")
+    args = parser.parse_args()
+
+    parent, child = multiprocessing.get_context("spawn").Pipe()
+    bedrock = multiprocessing.get_context("spawn").Process(target=serve_bedrock, args=(child,), daemon=True)
+    bedrock.start()
+    bedrock_url = parent.recv()
+    print(HEADER)
+    rows = measure("chat_stream", bedrock_url, args.n, args.rounds)
+    if not args.no_baseline:
+        rows += measure("baseline", bedrock_url, args.n, args.rounds)
+    parent.send("done")
+    bedrock.join(5)
+
+    args.out.mkdir(exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps({"ideal_s": IDEAL, "rows": rows}, indent=1) + "\n")
+    chart(rows, args.out / "bench.png")
+    mine = {r["n"]: r for r in rows if r["server"] == "chat_stream"}
+    base = {r["n"]: r for r in rows if r["server"] == "baseline"}
+    for n in sorted(mine.keys() & base.keys()):
+        p99 = mine[n]["answer_p99_s"] / base[n]["answer_p99_s"]
+        cpu = mine[n]["cpu_per_token_us"] / base[n]["cpu_per_token_us"]
+        print(f"N={n}: answer p99 {p99:.2f}x baseline, CPU per token {cpu:.2f}x baseline")
+    print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+
+
+if __name__ == "__main__":
+    main()
