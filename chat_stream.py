@@ -50,7 +50,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 T = TypeVar("T")
-load_dotenv()  # a .env file beside the process, if any; variables already in the environment win
+load_dotenv()  # a .env file beside this module (or in a folder above it); variables already set win
 
 
 def setting(key: str, cast: Callable[[str], T], default: T) -> T:
@@ -96,7 +96,7 @@ SYSTEM_PROMPT = setting("SYSTEM_PROMPT", str, None)  # sent first in every reque
 HOST = setting("HOST", str, "127.0.0.1")  # where `python chat_stream.py` listens
 PORT = setting("PORT", positive_int, 8000)
 WORKERS = setting("WORKERS", positive_int, 1)  # uvicorn worker processes; sessions never cross them
-STREAM_TIMEOUT = setting("STREAM_TIMEOUT", positive_number, 60.0)  # seconds Bedrock may stay silent mid-answer
+STREAM_TIMEOUT = setting("STREAM_TIMEOUT", positive_number, 60.0)  # seconds Bedrock may stay silent: "timeout"
 MAX_CONCURRENT_STREAMS = setting("MAX_CONCURRENT_STREAMS", positive_int, 256)  # per process; over it: "busy"
 MAX_QUESTION_CHARS = setting("MAX_QUESTION_CHARS", positive_int, 32000)  # longer questions: "too_large"
 MAX_HISTORY_MESSAGES = setting("MAX_HISTORY_MESSAGES", positive_int, 40)  # memory per session, whole turns
@@ -104,6 +104,7 @@ CHAT_API_KEY = setting("CHAT_API_KEY", str, None)  # if set, handshakes need "Be
 ALLOWED_ORIGINS = setting("ALLOWED_ORIGINS", origins, frozenset())  # browser origins besides our own; "*" = any
 MAX_FRAME_BYTES = 8 * MAX_QUESTION_CHARS + 4096  # larger frames are refused by uvicorn with close code 1009
 MAX_SESSION_ID_CHARS = 128
+MAX_SESSIONS_PER_CONNECTION = 100  # with MAX_HISTORY_MESSAGES, bounds the memory one connection can hold
 
 log = logging.getLogger("uvicorn.error.chat_stream")  # subtle: a child of uvicorn's logger, so it is configured
 # however the app was started (python chat_stream.py, uvicorn CLI, workers)
@@ -115,7 +116,7 @@ class Session:
     history: list[BaseMessage] = field(default_factory=list)  # whole user/assistant turns, oldest first
 
 
-SESSIONS: dict[str, Session] = {}  # bounded by connections x questions; entries leave when their connection closes
+SESSIONS: dict[str, Session] = {}  # at most MAX_SESSIONS_PER_CONNECTION per connection; leave when it closes
 CONNECTIONS: set[WebSocket] = set()  # open chat sockets; each leaves in its handler's `finally`
 STREAMS: set[asyncio.Task[None]] = set()  # answers streaming now; at most MAX_CONCURRENT_STREAMS
 
@@ -185,7 +186,8 @@ class OfflineChat(BaseChatModel):
         stop_reason = "max_tokens" if self.max_tokens and len(words) > self.max_tokens else "end_turn"
         words = words[: self.max_tokens]
         tokens_in = sum(len(m.text.split()) for m in messages)
-        return words, stop_reason, {"input_tokens": tokens_in, "output_tokens": len(words), "total_tokens": 0}
+        usage = {"input_tokens": tokens_in, "output_tokens": len(words), "total_tokens": tokens_in + len(words)}
+        return words, stop_reason, usage
 
     def _generate(
         self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
@@ -399,6 +401,9 @@ async def chat(ws: WebSocket) -> None:
             session = SESSIONS.get(session_id)
             if session is not None and session.owner is not ws:
                 await send(ws, error_frame("session_in_use", "This session is open on another connection.", session_id))
+            elif session is None and len(owned) >= MAX_SESSIONS_PER_CONNECTION:
+                message = f"This connection already has {MAX_SESSIONS_PER_CONNECTION} sessions; reuse one or reconnect."
+                await send(ws, error_frame("too_large", message, session_id))
             elif (task and not task.done()) or len(STREAMS) >= MAX_CONCURRENT_STREAMS:
                 await send(ws, error_frame("busy", session_id=session_id))
             else:

@@ -855,6 +855,17 @@ def test_session_in_use(server: Server, bedrock: FakeBedrock) -> None:
     )
 
 
+# One connection holds at most 100 sessions; the next new one gets "too_large", the existing ones still work.
+def test_sessions_per_connection_are_capped(ws: ClientConnection) -> None:
+    for i in range(100):
+        assert ask(ws, f"session {i}", f"many-{i}")[-1]["type"] == "end"
+    assert ask(ws, "one too many", "many-100") == [
+        {"type": "error", "session_id": "many-100", "code": "too_large",
+         "message": "This connection already has 100 sessions; reuse one or reconnect."},
+    ]  # fmt: skip
+    assert ask(ws, "still mine", "many-7")[-1]["type"] == "end"
+
+
 # Thousands of connect/ask/close cycles leave no connections, sessions or streams, and memory stays flat.
 def test_memory_stays_flat(server: Server) -> None:
     async def cycles(n: int) -> None:
