@@ -472,7 +472,8 @@ PAGE = """<!doctype html>
   form { display: flex; gap: .5rem; padding: .75rem 0; position: sticky; bottom: 0; background: Canvas; }
   textarea { flex: 1; font: inherit; padding: .5rem; resize: vertical; min-height: 2.5rem; }
   button { font: inherit; padding: .4rem .9rem; border-radius: .4rem; border: 1px solid var(--accent); }
-  #send { background: var(--accent); color: #fff; } :focus-visible { outline: 3px solid #f0a500; }
+  #send { background: var(--accent); color: #fff; } button:disabled { opacity: .5; }
+  :focus-visible { outline: 3px solid #f0a500; }
 </style></head>
 <body>
 <header><h1>chat-stream</h1><span id="state" role="status">connecting…</span>
@@ -497,7 +498,7 @@ function show(kind, text) {  // text only: message content never becomes HTML
   el.scrollIntoView({ block: "end" });
   return el;
 }
-function setStreaming(on) { streaming = on; $("send").textContent = on ? "Stop" : "Send"; }
+function setStreaming(on) { streaming = on; $("send").textContent = on ? "Stop" : "Send"; $("new").disabled = on; }
 function setState(text, cls = "") { $("state").textContent = text; $("state").className = cls; }
 
 function connect() {
@@ -538,7 +539,7 @@ $("ask").onsubmit = (event) => {
 $("question").onkeydown = (event) => {
   if (event.key !== "Enter" || event.shiftKey || event.isComposing) return;
   event.preventDefault();
-  $("ask").requestSubmit();
+  if (!streaming) $("ask").requestSubmit();  // Enter never stops an answer; the Stop button does
 };
 $("new").onclick = () => { sessionId = newId(); $("log").replaceChildren(); $("question").focus(); };
 connect();

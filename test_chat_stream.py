@@ -598,6 +598,18 @@ def test_unreachable_bedrock(tmp_path: Path) -> None:
             }
 
 
+# With no AWS credentials anywhere, the server still starts, and questions get "access_denied".
+def test_no_credentials(tmp_path: Path, bedrock: FakeBedrock) -> None:
+    no_credentials = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "HOME": str(tmp_path)}
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **no_credentials) as server:
+        with connect(server.ws_url) as ws:
+            assert ask(ws, "who am I") == [
+                {"type": "start", "session_id": "s1"},
+                {"type": "error", "session_id": "s1", "code": "access_denied", "message": MESSAGES["access_denied"]},
+            ]
+    assert not bedrock.calls_for("who am I")
+
+
 # --- both model families, the offline model, settings
 
 
@@ -1046,6 +1058,9 @@ def test_page_stop_button(page: Any, server: Server, bedrock: FakeBedrock) -> No
     page.locator("#question").fill("a very long answer please")
     page.keyboard.press("Enter")
     expect(page.locator(".bot")).to_contain_text("w3")
+    expect(page.locator("#new")).to_be_disabled()
+    page.locator("#question").fill("typed while streaming")
+    page.keyboard.press("Enter")  # does not send, and does not stop the answer
     page.locator("#send", has_text="Stop").click()
     expect(page.locator(".note")).to_have_text("Stopped.")
     expect(page.locator("#send")).to_have_text("Send")
@@ -1054,6 +1069,7 @@ def test_page_stop_button(page: Any, server: Server, bedrock: FakeBedrock) -> No
     shown = page.locator(".bot").text_content()
     assert shown.startswith(" w0 w1 w2 w3") and call.tokens_sent < 100
     assert page.locator(".bot").text_content() == shown  # nothing arrives after the end frame
+    assert not bedrock.calls_for("typed while streaming") and page.locator(".user").count() == 1
 
 
 # Markup in a question or an answer is shown as text and runs nothing.
