@@ -1,36 +1,45 @@
 """chat-stream: AWS Bedrock answers streamed token by token over a WebSocket, with per-session memory.
 
-Run it:   python chat_stream.py                      (or: uvicorn chat_stream:app)
+Run it:   python chat_stream.py     (plain `uvicorn chat_stream:app` works, without the limits of the last section)
 Demo without an AWS account:   BEDROCK_MODEL_ID=offline python chat_stream.py, then open http://127.0.0.1:8000/
 
 Protocol, on ws://HOST:PORT/ws/chat/completions, one JSON text frame per message:
   client -> server   {"question": str, "session_id": str}    ask (a session's memory lives as long as the connection)
                      {"type": "cancel"}                       stop the answer being streamed
+                     {"type": "end_session", "session_id"}   forget one of this connection's sessions now
   server -> client   {"type": "start", "session_id"}
                      {"type": "token", "text"}                zero or more
                      {"type": "end", "session_id", "full_text", "stop_reason",
                       "usage": {"input_tokens", "output_tokens"}}
                      or {"type": "error", "session_id"?, "code", "message"}
 Error codes: invalid_request, too_large, busy, session_in_use, throttled, access_denied, model_error,
-unavailable, timeout, internal. After any error the connection stays open.
+unavailable, timeout, internal. After any error the connection stays open. Close codes: 1007 (text that is not
+UTF-8), 1008 (too many frames), 1009 (frame too large), 1012 (server restart).
+
+Sections, in the order a question travels: settings; state; the model; errors; one answer; the connection;
+routes, the page and the app; the server (uvicorn's protocols, with their limits) and main.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
 import re
+import resource
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import uvicorn
@@ -41,13 +50,19 @@ from dotenv import load_dotenv
 from langchain_aws import ChatBedrockConverse
 from langchain_aws.chat_models.bedrock_converse import _messages_to_bedrock, _parse_stream_event
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage, trim_messages
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+# --- settings: read once at start-up from the environment (and .env); a bad value stops start-up
 
 T = TypeVar("T")
 load_dotenv()  # a .env file beside this module (or in a folder above it); variables already set win
@@ -86,12 +101,25 @@ def origins(raw: str) -> frozenset[str]:
     return frozenset(o.strip().rstrip("/").lower() for o in raw.split(",") if o.strip())
 
 
+def hosts(raw: str) -> list[str]:
+    return [h.strip().lower() for h in raw.split(",") if h.strip()]
+
+
+def loopback_and(host: str) -> list[str]:
+    """The loopback names, and `host` too when it is a name rather than an address."""
+    try:
+        ipaddress.ip_address(host)
+        return ["127.0.0.1", "localhost", "[::1]"]
+    except ValueError:
+        return ["127.0.0.1", "localhost", "[::1]", host]
+
+
 BEDROCK_MODEL_ID = setting("BEDROCK_MODEL_ID", str, "amazon.nova-micro-v1:0")  # model id, or "offline" for the demo
 AWS_REGION = setting("AWS_REGION", str, "us-east-1")  # region of the Bedrock runtime
 AWS_PROFILE = setting("AWS_PROFILE", str, None)  # named credentials profile; None = boto3's default chain
 BEDROCK_ENDPOINT_URL = setting("BEDROCK_ENDPOINT_URL", str, None)  # VPC endpoint or a local stand-in
 TEMPERATURE = setting("TEMPERATURE", number_from_0_to_1, 0.3)  # sampling temperature sent to the model
-MAX_TOKENS = setting("MAX_TOKENS", positive_int, None)  # cap on answer length; None = the model's own
+MAX_TOKENS = setting("MAX_TOKENS", positive_int, 4096)  # cap on answer length; it also bounds an answer's memory
 SYSTEM_PROMPT = setting("SYSTEM_PROMPT", str, None)  # sent first in every request
 HOST = setting("HOST", str, "127.0.0.1")  # where `python chat_stream.py` listens
 PORT = setting("PORT", positive_int, 8000)
@@ -100,14 +128,24 @@ STREAM_TIMEOUT = setting("STREAM_TIMEOUT", positive_number, 60.0)  # seconds Bed
 MAX_CONCURRENT_STREAMS = setting("MAX_CONCURRENT_STREAMS", positive_int, 256)  # per process; over it: "busy"
 MAX_QUESTION_CHARS = setting("MAX_QUESTION_CHARS", positive_int, 32000)  # longer questions: "too_large"
 MAX_HISTORY_MESSAGES = setting("MAX_HISTORY_MESSAGES", positive_int, 40)  # memory per session, whole turns
+MAX_HISTORY_TOKENS = setting("MAX_HISTORY_TOKENS", positive_int, 100_000)  # the same, in tokens (estimated)
 CHAT_API_KEY = setting("CHAT_API_KEY", str, None)  # if set, handshakes need "Bearer <key>" or ?token=<key>
 ALLOWED_ORIGINS = setting("ALLOWED_ORIGINS", origins, frozenset())  # browser origins besides our own; "*" = any
-MAX_FRAME_BYTES = 8 * MAX_QUESTION_CHARS + 4096  # larger frames are refused by uvicorn with close code 1009
+ALLOWED_HOSTS = setting("ALLOWED_HOSTS", hosts, loopback_and(HOST))  # Host headers served (DNS rebinding); "*" = any
+MAX_CONNECTIONS = setting("MAX_CONNECTIONS", positive_int, 1000)  # open WebSockets per process; over it: HTTP 503
+SEND_TIMEOUT = setting("SEND_TIMEOUT", positive_number, 20.0)  # seconds a client may leave a frame unread
+MAX_FRAMES_PER_SECOND = setting("MAX_FRAMES_PER_SECOND", positive_int, 20)  # per connection; over it: close 1008
 MAX_SESSION_ID_CHARS = 128
-MAX_SESSIONS_PER_CONNECTION = 100  # with MAX_HISTORY_MESSAGES, bounds the memory one connection can hold
+MAX_FRAME_BYTES = 12 * (MAX_QUESTION_CHARS + MAX_SESSION_ID_CHARS) + 1024  # larger: closed with 1009 by uvicorn
+# subtle: 12 bytes a character is the worst valid encoding, an astral character escaped as a surrogate pair
+MAX_SESSIONS_PER_CONNECTION = 4  # with MAX_HISTORY_TOKENS, bounds what one connection holds (README: limits)
+REQUEST_TIMEOUT = 5  # seconds a new TCP connection may take to send its HTTP request
 
 log = logging.getLogger("uvicorn.error.chat_stream")  # subtle: a child of uvicorn's logger, so it is configured
 # however the app was started (python chat_stream.py, uvicorn CLI, workers)
+
+
+# --- state: what the process holds, each bounded
 
 
 @dataclass
@@ -116,8 +154,8 @@ class Session:
     history: list[BaseMessage] = field(default_factory=list)  # whole user/assistant turns, oldest first
 
 
-SESSIONS: dict[str, Session] = {}  # at most MAX_SESSIONS_PER_CONNECTION per connection; leave when it closes
-CONNECTIONS: set[WebSocket] = set()  # open chat sockets; each leaves in its handler's `finally`
+SESSIONS: dict[str, Session] = {}  # at most MAX_SESSIONS_PER_CONNECTION per connection; leave on end_session or close
+CONNECTIONS: set[WebSocket] = set()  # open chat sockets, at most MAX_CONNECTIONS; each leaves in its `finally`
 STREAMS: set[asyncio.Task[None]] = set()  # answers streaming now; at most MAX_CONCURRENT_STREAMS
 
 
@@ -182,7 +220,8 @@ class OfflineChat(BaseChatModel):
 
     def _reply(self, messages: list[BaseMessage]) -> tuple[list[str], str, dict[str, int]]:
         text = f"This is the offline demo model, so I can only echo. You asked: {messages[-1].text}"
-        words = re.findall(r"\s*\S+", text)
+        ends = [m.end() for m in re.finditer(r"\S+", text)]  # subtle: linear; "\s*\S+" is quadratic on runs of spaces
+        words = [text[start:end] for start, end in zip([0, *ends], ends, strict=False)]
         stop_reason = "max_tokens" if self.max_tokens and len(words) > self.max_tokens else "end_turn"
         words = words[: self.max_tokens]
         tokens_in = sum(len(m.text.split()) for m in messages)
@@ -322,6 +361,9 @@ async def answer(ws: WebSocket, session_id: str, session: Session, question: str
         session.history += [HumanMessage(question), AIMessage(full_text)]
         if (excess := len(session.history) - MAX_HISTORY_MESSAGES) > 0:
             del session.history[: excess + excess % 2]  # whole turns, so it still starts with a user message
+        session.history = trim_messages(  # newest whole turns within the budget: bounds memory and request size
+            session.history, max_tokens=MAX_HISTORY_TOKENS, token_counter="approximate", start_on="human"
+        )
     end = {"type": "end", "session_id": session_id, "full_text": full_text, "stop_reason": stop_reason}
     await send(ws, {**end, "usage": usage})
 
@@ -330,7 +372,7 @@ async def answer(ws: WebSocket, session_id: str, session: Session, question: str
 
 
 def parse(message: dict[str, Any]) -> dict[str, Any]:
-    """The client's frame as a dict with a valid question and session_id (or a cancel); else BadRequest."""
+    """The client's frame as a dict: a question with a valid session_id, a cancel or an end_session; else BadRequest."""
     if message.get("text") is None:
         raise BadRequest("invalid_request", "Binary frames are not supported; send JSON text.")
     try:
@@ -341,68 +383,88 @@ def parse(message: dict[str, Any]) -> dict[str, Any]:
         raise BadRequest("invalid_request", "The frame must be a JSON object.")
     if data.get("type") == "cancel":
         return data
-    if "type" in data:
-        raise BadRequest("invalid_request", 'Unknown frame type; send a question or {"type": "cancel"}.')
-    session_id, question = data.get("session_id"), data.get("question")
+    if data.get("type") not in (None, "end_session"):
+        raise BadRequest("invalid_request", 'Unknown frame type; send a question, "cancel" or "end_session".')
+    session_id = data.get("session_id")
     if not isinstance(session_id, str) or not session_id.strip() or len(session_id) > MAX_SESSION_ID_CHARS:
         raise BadRequest(
             "invalid_request", f"session_id must be a non-empty string of at most {MAX_SESSION_ID_CHARS} characters."
         )
+    if not is_unicode(session_id):
+        raise BadRequest("invalid_request", "session_id is not valid Unicode text.")
+    if data.get("type") == "end_session":
+        return data
+    question = data.get("question")
     if not isinstance(question, str) or not question.strip():
         raise BadRequest("invalid_request", "question must be a non-empty string.", session_id)
     if len(question) > MAX_QUESTION_CHARS:
         raise BadRequest("too_large", f"question is longer than {MAX_QUESTION_CHARS} characters.", session_id)
-    try:
-        question.encode()
-    except UnicodeEncodeError:
-        raise BadRequest("invalid_request", "question is not valid Unicode text.", session_id) from None
+    if not is_unicode(question):
+        raise BadRequest("invalid_request", "question is not valid Unicode text.", session_id)
     return data
+
+
+def is_unicode(text: str) -> bool:
+    """False for text holding lone surrogates ("\\ud800" in JSON), which no model and no UTF-8 encoder accepts."""
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def handshake_allowed(ws: WebSocket) -> bool:
     if CHAT_API_KEY is not None:
-        auth = ws.headers.get("authorization", "")
-        given = auth[7:] if auth.startswith("Bearer ") else ws.query_params.get("token", "")
+        scheme, _, credentials = ws.headers.get("authorization", "").partition(" ")
+        given = credentials.strip() if scheme.lower() == "bearer" else ws.query_params.get("token", "")
         if not hmac.compare_digest(given.encode(), CHAT_API_KEY.encode()):
             return False
     origin = ws.headers.get("origin", "").rstrip("/").lower()
     if not origin or "*" in ALLOWED_ORIGINS or origin in ALLOWED_ORIGINS:
         return True  # subtle: only browsers send Origin, and a browser page from another site must not get in
-    return urlsplit(origin).netloc == ws.headers.get("host", "").lower()
+    return urlsplit(origin).netloc == ws.headers.get("host", "").lower()  # a Host that ALLOWED_HOSTS let in
 
 
 async def chat(ws: WebSocket) -> None:
     if not handshake_allowed(ws):
         await ws.close(code=1008)  # before accept(): uvicorn answers the handshake with HTTP 403
         return
-    await ws.accept()
+    if len(CONNECTIONS) >= MAX_CONNECTIONS:
+        log.warning("refused a WebSocket: MAX_CONNECTIONS=%d are open", MAX_CONNECTIONS)
+        await ws.send_denial_response(PlainTextResponse("Too many connections; try again later.", 503))
+        return
     CONNECTIONS.add(ws)
     owned: set[str] = set()  # session ids this connection created
     task: asyncio.Task[None] | None = None
+    streaming = ""  # the session id of `task`
     try:
+        await ws.accept()
         while (message := await ws.receive())["type"] != "websocket.disconnect":
             try:
                 request = parse(message)
             except BadRequest as bad:
                 await send(ws, bad.frame)
                 continue
-            if request.get("type") == "cancel":
-                if task and not task.done():
-                    task.cancel("cancel")
-                continue
-            session_id = request["session_id"]
+            kind, session_id = request.get("type"), request.get("session_id")
             session = SESSIONS.get(session_id)
+            busy = task is not None and not task.done()
             if session is not None and session.owner is not ws:
                 await send(ws, error_frame("session_in_use", "This session is open on another connection.", session_id))
+            elif kind == "cancel" or kind == "end_session":
+                if busy and (kind == "cancel" or session_id == streaming):
+                    task.cancel("cancel")  # the answer still ends with its end frame
+                if kind == "end_session":
+                    SESSIONS.pop(session_id, None)
+                    owned.discard(session_id)
             elif session is None and len(owned) >= MAX_SESSIONS_PER_CONNECTION:
-                message = f"This connection already has {MAX_SESSIONS_PER_CONNECTION} sessions; reuse one or reconnect."
+                message = f"This connection already has {MAX_SESSIONS_PER_CONNECTION} sessions; end one or reconnect."
                 await send(ws, error_frame("too_large", message, session_id))
-            elif (task and not task.done()) or len(STREAMS) >= MAX_CONCURRENT_STREAMS:
+            elif busy or len(STREAMS) >= MAX_CONCURRENT_STREAMS:
                 await send(ws, error_frame("busy", session_id=session_id))
             else:
                 session = SESSIONS.setdefault(session_id, Session(ws))
                 owned.add(session_id)
-                task = asyncio.create_task(answer(ws, session_id, session, request["question"]))
+                task, streaming = asyncio.create_task(answer(ws, session_id, session, request["question"])), session_id
                 STREAMS.add(task)
                 task.add_done_callback(STREAMS.discard)
     finally:
@@ -424,23 +486,24 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 async def page(request: Request) -> HTMLResponse:
-    return HTMLResponse(PAGE)
+    return HTMLResponse(PAGE, headers=PAGE_HEADERS)
 
 
-class HideApiKey(logging.Filter):
-    """uvicorn logs each path with its query string, so `?token=<CHAT_API_KEY>` must be masked."""
+class HideToken(logging.Filter):
+    """uvicorn logs each path with its query string: mask every `token=` value, right or wrong, however encoded."""
+
+    pattern = re.compile(r"([?&]token=)[^&#\s\"]*", re.IGNORECASE)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        for secret in {CHAT_API_KEY, quote(CHAT_API_KEY or "", safe="")} - {"", None}:
-            text = text.replace(secret, "***")
-        record.msg, record.args = text, ()
+        if isinstance(record.msg, str):
+            record.msg = self.pattern.sub(r"\1***", record.msg)
+        if isinstance(record.args, tuple):  # subtle: keep the tuple's shape, uvicorn's access formatter unpacks it
+            record.args = tuple(self.pattern.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
         return True
 
 
-if CHAT_API_KEY:
-    for name in ("uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).addFilter(HideApiKey())
+for name in ("uvicorn.error", "uvicorn.access"):
+    logging.getLogger(name).addFilter(HideToken())
 
 
 @asynccontextmanager
@@ -453,6 +516,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
         log.info("chat-stream ready: model=%s", BEDROCK_MODEL_ID)
+        if CHAT_API_KEY is None and HOST not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("listening on %s without CHAT_API_KEY: anyone who reaches this port uses the model", HOST)
         yield
 
 
@@ -541,23 +606,150 @@ $("question").onkeydown = (event) => {
   event.preventDefault();
   if (!streaming) $("ask").requestSubmit();  // Enter never stops an answer; the Stop button does
 };
-$("new").onclick = () => { sessionId = newId(); $("log").replaceChildren(); $("question").focus(); };
+$("new").onclick = () => {  // the server forgets the old conversation at once
+  if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "end_session", session_id: sessionId }));
+  sessionId = newId(); $("log").replaceChildren(); $("question").focus();
+};
 connect();
 </script>
 </body></html>
 """
+
+
+def inline_hash(tag: str) -> str:
+    """The CSP source for the page's one inline <tag> element, so that no other inline code can run."""
+    body = re.search(f"<{tag}>(.*?)</{tag}>", PAGE, re.DOTALL).group(1)
+    return f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+
+
+PAGE_HEADERS = {
+    "Content-Security-Policy": f"default-src 'none'; script-src {inline_hash('script')}; style-src "
+    f"{inline_hash('style')}; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",  # the page's URL may hold ?token=
+}
 
 routes = [
     Route("/", page),
     Route("/healthz", healthz),
     WebSocketRoute("/ws/chat/completions", chat),
 ]
+middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=ALLOWED_HOSTS, www_redirect=False)]
 
-app = Starlette(routes=routes, lifespan=lifespan)
+app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
 
-if __name__ == "__main__":
+
+# --- the server: uvicorn's own protocols, with the limits a service on a network needs
+
+
+class HTTPProtocol(H11Protocol):
+    """h11, not httptools: h11 stops reading while a response is pending, so pipelined requests cannot pile up.
+    Each request must arrive whole within REQUEST_TIMEOUT seconds of the connection or of the last response;
+    subtle: uvicorn's keep-alive timer restarts on every byte, so a client sending one now and then kept it open."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.request_deadline = self.loop.call_later(REQUEST_TIMEOUT, transport.close)
+
+    def handle_events(self) -> None:
+        scope = self.scope
+        super().handle_events()
+        if self.scope is not scope:  # a whole request arrived (a WebSocket upgrade included)
+            self.request_deadline.cancel()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.request_deadline.cancel()
+        self.request_deadline = self.loop.call_later(REQUEST_TIMEOUT, self.transport.close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.request_deadline.cancel()
+        super().connection_lost(exc)
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol with a budget of MAX_FRAMES_PER_SECOND frames (pings included; over it: close
+    1008), a SEND_TIMEOUT for clients that stop reading, and one log line, not a traceback, for invalid UTF-8."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.allowance, self.checked_at = 2.0 * MAX_FRAMES_PER_SECOND, self.loop.time()  # a burst of two seconds' worth
+        self.stalled: asyncio.TimerHandle | None = None  # runs out if the write buffer stays full
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.stalled:
+            self.stalled.cancel()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        now = self.loop.time()
+        self.allowance = min(
+            2.0 * MAX_FRAMES_PER_SECOND, self.allowance + (now - self.checked_at) * MAX_FRAMES_PER_SECOND
+        )
+        self.checked_at, self.allowance = now, self.allowance - len(self.conn.events)
+        if self.allowance < 0 and self.handshake_complete and not self.close_sent:
+            log.warning("closing a WebSocket that sent over MAX_FRAMES_PER_SECOND=%d frames", MAX_FRAMES_PER_SECOND)
+            self.conn.events_received()  # dropped unread
+            self.fail(1008, "too many frames")
+            return
+        super().handle_events()
+
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text" and not is_utf8(self.frames):
+            log.info("closing a WebSocket that sent a text frame that is not UTF-8")
+            self.frames = []
+            self.fail(1007, "invalid UTF-8")
+            return
+        super().send_receive_event_to_app()
+
+    def fail(self, code: int, reason: str) -> None:
+        """Close with `code`, like uvicorn on a protocol error, but so that the close frame reaches the client:
+        subtle: closing a socket with unread input resets it, and the reset destroys the frame in flight. So send
+        the close frame and EOF, drop what still arrives, and close when the client does or a second later."""
+        self.conn.fail(code, reason)  # from here on websockets discards whatever the client sends
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code})
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.write_eof()
+        self.close_sent = True
+        self.transport.resume_reading()
+        self.close_timer = self.loop.call_later(1.0, self.transport.close)
+
+    def pause_writing(self) -> None:  # the client is not reading: wait for it, but not for ever
+        super().pause_writing()
+        self.stalled = self.loop.call_later(SEND_TIMEOUT, self.stall_timeout)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.stalled:
+            self.stalled.cancel()
+
+    def stall_timeout(self) -> None:
+        log.warning("closing a WebSocket that read nothing for SEND_TIMEOUT=%gs", SEND_TIMEOUT)
+        self.transport.abort()  # uvicorn then wakes the send that waits, which fails: the answer ends "disconnected"
+
+
+def is_utf8(frames: list[bytes]) -> bool:
+    try:
+        b"".join(frames).decode()
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def serve() -> None:
+    """`python chat_stream.py`: uvicorn with the protocols above and the limits from the settings."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = MAX_CONNECTIONS + MAX_CONCURRENT_STREAMS + 64  # client sockets, Bedrock sockets, the rest
+    if soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
+    if hard < needed:
+        print(f"chat_stream: warning: open-file limit {hard} < {needed} needed at MAX_CONNECTIONS", file=sys.stderr)
+    one = WORKERS == 1  # subtle: workers import the app by name; one process runs these objects, imported once
     uvicorn.run(
-        "chat_stream:app",
+        app if one else "chat_stream:app",
+        http=HTTPProtocol if one else "chat_stream:HTTPProtocol",
+        ws=WebSocketProtocol if one else "chat_stream:WebSocketProtocol",
         host=HOST,
         port=PORT,
         workers=WORKERS,
@@ -565,3 +757,7 @@ if __name__ == "__main__":
         ws_per_message_deflate=False,  # token frames are tiny: compressing them costs CPU and saves nothing
         timeout_graceful_shutdown=5,  # on SIGTERM, clients get close code 1012 and may reconnect elsewhere
     )
+
+
+if __name__ == "__main__":
+    serve()
