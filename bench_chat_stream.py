@@ -1,4 +1,4 @@
-"""Benchmark: many concurrent WebSocket streams through chat_stream.py, against the test suite's Bedrock stand-in.
+"""Benchmark: many concurrent WebSocket streams through chat_stream.py, against the local Bedrock stand-in.
 
 Run: .venv/bin/python bench_chat_stream.py            (about three minutes on two cores)
      .venv/bin/python bench_chat_stream.py -n 1 100 --rounds 2 --no-baseline
@@ -26,7 +26,7 @@ from typing import Any
 
 import websockets
 
-from test_chat_stream import FakeBedrock, Reply, echo, free_port, healthy, server_env, wait_for
+from bedrock_stand_in import FakeBedrock, Reply, echo, free_port, healthy, server_env, wait_for
 
 HERE = Path(__file__).parent
 FIRST_DELAY, DELTAS, GAP = 0.3, 50, 0.02

@@ -45,13 +45,25 @@ import aiohttp
 import uvicorn
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError, ProfileNotFound
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    CredentialRetrievalError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ProfileNotFound,
+    ReadTimeoutError,
+    SSOError,
+    TokenRetrievalError,
+)
 from dotenv import load_dotenv
 from langchain_aws import ChatBedrockConverse
 from langchain_aws.chat_models.bedrock_converse import _messages_to_bedrock, _parse_stream_event
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage, trim_messages
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from pydantic import model_validator
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -102,19 +114,24 @@ def origins(raw: str) -> frozenset[str]:
 
 
 def hosts(raw: str) -> list[str]:
-    return [h.strip().lower() for h in raw.split(",") if h.strip()]
+    names = [h.strip().lower() for h in raw.split(",") if h.strip()]
+    if any("*" in h[1:] or (h.startswith("*") and h != "*" and not h.startswith("*.")) for h in names):
+        raise ValueError(raw)  # Starlette's rule: a wildcard only as "*" or "*.example.com"
+    return names
 
 
 def loopback_and(host: str) -> list[str]:
     """The loopback names, and `host` too when it is a name rather than an address."""
+    loopback = ["127.0.0.1", "localhost", "[::1]"]
     try:
         ipaddress.ip_address(host)
-        return ["127.0.0.1", "localhost", "[::1]"]
     except ValueError:
-        return ["127.0.0.1", "localhost", "[::1]", host]
+        return [*loopback, host.lower()]
+    return loopback
 
 
 BEDROCK_MODEL_ID = setting("BEDROCK_MODEL_ID", str, "amazon.nova-micro-v1:0")  # model id, or "offline" for the demo
+BEDROCK_PROVIDER = setting("BEDROCK_PROVIDER", str, "")  # the model's provider, when langchain-aws cannot tell (ARNs)
 AWS_REGION = setting("AWS_REGION", str, "us-east-1")  # region of the Bedrock runtime
 AWS_PROFILE = setting("AWS_PROFILE", str, None)  # named credentials profile; None = boto3's default chain
 BEDROCK_ENDPOINT_URL = setting("BEDROCK_ENDPOINT_URL", str, None)  # VPC endpoint or a local stand-in
@@ -163,16 +180,23 @@ STREAMS: set[asyncio.Task[None]] = set()  # answers streaming now; at most MAX_C
 
 
 class BedrockChat(ChatBedrockConverse):
-    """ChatBedrockConverse whose async stream reads Bedrock with aiobotocore.
+    """ChatBedrockConverse whose async stream reads Bedrock with aiobotocore, for plain chat.
 
     LangChain's default `astream` runs every chunk's `next()` in a thread pool, which caps how many answers
     a process can stream at full speed; here each answer is a coroutine and costs no thread. Requests are built
-    by langchain-aws's own Converse helpers. Text deltas become plain-string chunks, the cheapest kind LangChain
-    has; every other event (usage, stop reason, tool use, reasoning) is parsed by langchain-aws as in
-    `ChatBedrockConverse.stream()`.
+    by langchain-aws's own Converse helpers from the model's fields (temperature, max_tokens, guardrail_config,
+    additional_model_request_fields, ...). Per-call arguments (`bind_tools`, `bind(...)`) are refused: use
+    ChatBedrockConverse for those. Text deltas become plain-string chunks, the cheapest kind LangChain has; other
+    events (usage, stop reason, reasoning) are parsed by langchain-aws; content it does not know is skipped.
+    Every model streams, even those langchain-aws has not verified as streaming-capable.
     """
 
     aclient: Any = None  # aiobotocore "bedrock-runtime" client, open inside `connect()`
+
+    @model_validator(mode="after")
+    def always_stream(self) -> BedrockChat:
+        self.disable_streaming = False  # subtle: langchain-aws turns streaming off for models it has not verified
+        return self
 
     @asynccontextmanager
     async def connect(self, pool_size: int, timeout: float) -> AsyncIterator[None]:
@@ -183,11 +207,16 @@ class BedrockChat(ChatBedrockConverse):
         async with session.create_client(
             "bedrock-runtime", region_name=self.region_name, endpoint_url=self.endpoint_url, config=config
         ) as self.aclient:
+            # subtle: botocore retries timeouts too, which made a silent Bedrock cost several times `timeout`;
+            # vetoing them keeps `timeout` the bound a client sees, while throttling and 5xx are still retried
+            self.aclient.meta.events.register_first("needs-retry.bedrock-runtime", no_retry_after_timeout)
             yield
 
     async def _astream(
         self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None, **kwargs: Any
     ) -> AsyncIterator[ChatGenerationChunk]:
+        if kwargs:
+            raise NotImplementedError(f"BedrockChat streams plain chat; use ChatBedrockConverse for {sorted(kwargs)}")
         bedrock_messages, system = _messages_to_bedrock(
             messages, self.system, model_id=self._get_base_model(), provider=self.provider
         )
@@ -201,7 +230,14 @@ class BedrockChat(ChatBedrockConverse):
                 if "text" in (delta := event.get("contentBlockDelta", {}).get("delta", {})):
                     yield ChatGenerationChunk(message=AIMessageChunk(delta["text"]))  # the hot path: plain text
                 elif "messageStart" not in event and "contentBlockStop" not in event:  # those carry nothing
-                    yield ChatGenerationChunk(message=_parse_stream_event(event))
+                    try:
+                        chunk = _parse_stream_event(event)
+                    except ValueError:  # a kind of content newer than langchain-aws: the answer goes on without it
+                        log.debug("skipped a Bedrock event langchain-aws does not know: %s", list(event))
+                        continue
+                    if chunk.usage_metadata:
+                        chunk.response_metadata["model_name"] = self.base_model_id or self.model_id
+                    yield ChatGenerationChunk(message=chunk)
         finally:
             stream.close()  # subtle: closes the HTTP connection now, even when cancelled, not at garbage collection
         if not finished:
@@ -246,11 +282,19 @@ class OfflineChat(BaseChatModel):
         yield ChatGenerationChunk(message=last)
 
 
+def no_retry_after_timeout(caught_exception: Exception | None = None, **kwargs: Any) -> bool | None:
+    """botocore's needs-retry hook: False (no retry) after a timeout, None (botocore decides) otherwise."""
+    return False if isinstance(caught_exception, ReadTimeoutError | ConnectTimeoutError) else None
+
+
 def build_model() -> BaseChatModel:
     if BEDROCK_MODEL_ID == "offline":
         return OfflineChat(max_tokens=MAX_TOKENS)
+    if BEDROCK_MODEL_ID.startswith("arn:") and not BEDROCK_PROVIDER:
+        sys.exit("chat_stream: BEDROCK_MODEL_ID is an ARN: set BEDROCK_PROVIDER too (anthropic, amazon, meta, ...)")
     return BedrockChat(
         model_id=BEDROCK_MODEL_ID,
+        provider=BEDROCK_PROVIDER,
         region_name=AWS_REGION,
         credentials_profile_name=AWS_PROFILE,
         endpoint_url=BEDROCK_ENDPOINT_URL,
@@ -290,9 +334,11 @@ BEDROCK_ERRORS = {  # Bedrock error code, lower-cased (in-stream events spell it
 def error_code(exc: Exception) -> str:
     if isinstance(exc, ClientError):  # HTTP errors and exception events inside the stream alike
         return BEDROCK_ERRORS.get(exc.response.get("Error", {}).get("Code", "").lower(), "model_error")
-    if isinstance(exc, NoCredentialsError | PartialCredentialsError | ProfileNotFound):
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError | ProfileNotFound | CredentialRetrievalError):
         return "access_denied"
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, SSOError | TokenRetrievalError):  # an SSO login that expired, or a token that cannot be had
+        return "access_denied"
+    if isinstance(exc, TimeoutError | ReadTimeoutError | ConnectTimeoutError):
         return "timeout"
     if isinstance(exc, BotoCoreError | aiohttp.ClientError | ConnectionError):
         return "unavailable"
@@ -319,8 +365,8 @@ async def send(ws: WebSocket, frame: dict[str, Any]) -> None:
 
 async def answer(ws: WebSocket, session_id: str, session: Session, question: str) -> None:
     messages = [*([SystemMessage(SYSTEM_PROMPT)] if SYSTEM_PROMPT else []), *session.history, HumanMessage(question)]
-    parts: list[str] = []
-    stop_reason, usage = None, {"input_tokens": 0, "output_tokens": 0}
+    parts: list[str] = []  # exactly the text sent to the client
+    stop_reason, usage = None, None
     started, first_token = time.perf_counter(), None
     outcome = "end"
     try:
@@ -329,11 +375,11 @@ async def answer(ws: WebSocket, session_id: str, session: Session, question: str
             async for chunk in chunks:
                 if text := chunk.text:
                     first_token = first_token or time.perf_counter()
-                    parts.append(text)  # before the send: a cancel can only land after the frame was written
                     await send(ws, {"type": "token", "text": text})
+                    parts.append(text)  # after the send: a cancel that lands while it waits leaves the token unsent
                 stop_reason = chunk.response_metadata.get("stopReason", stop_reason)
                 if chunk.usage_metadata:
-                    usage = {k: chunk.usage_metadata[k] for k in usage}
+                    usage = {k: chunk.usage_metadata[k] for k in ("input_tokens", "output_tokens")}
     except asyncio.CancelledError as exc:
         if exc.args != ("cancel",):  # the connection is closing: let the cancellation through
             outcome = "disconnected"
@@ -349,12 +395,14 @@ async def answer(ws: WebSocket, session_id: str, session: Session, question: str
             log.exception("answer failed: session=%r", session_id)
         else:
             log.warning("answer failed: session=%r code=%s detail=%s", session_id, outcome, exc)
-        await send(ws, error_frame(outcome, session_id=session_id))
     finally:
+        STREAMS.discard(asyncio.current_task())  # the upstream is closed: from here on a cancel cannot cut it short
+        usage = usage or {"input_tokens": 0, "output_tokens": len(parts)}  # Bedrock's, or the deltas sent: billed
         ttft, took = first_token and round((first_token - started) * 1000), (time.perf_counter() - started) * 1000
         line = "answer session=%r model=%s ttft_ms=%s duration_ms=%d tokens_in=%d tokens_out=%d outcome=%s"
         log.info(line, session_id, BEDROCK_MODEL_ID, ttft, took, usage["input_tokens"], usage["output_tokens"], outcome)
     if outcome not in ("end", "cancelled"):
+        await send(ws, error_frame(outcome, session_id=session_id))
         return  # a failed question is not recorded, so the history stays valid for the next one
     full_text = "".join(parts)
     if full_text.strip():
@@ -451,7 +499,7 @@ async def chat(ws: WebSocket) -> None:
             if session is not None and session.owner is not ws:
                 await send(ws, error_frame("session_in_use", "This session is open on another connection.", session_id))
             elif kind == "cancel" or kind == "end_session":
-                if busy and (kind == "cancel" or session_id == streaming):
+                if task in STREAMS and (kind == "cancel" or session_id == streaming):
                     task.cancel("cancel")  # the answer still ends with its end frame
                 if kind == "end_session":
                     SESSIONS.pop(session_id, None)
