@@ -430,7 +430,7 @@ def parse(message: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadRequest("invalid_request", "The frame must be a JSON object.")
     if data.get("type") == "cancel":
-        return data
+        return {"type": "cancel"}  # whatever else it holds
     if data.get("type") not in (None, "end_session"):
         raise BadRequest("invalid_request", 'Unknown frame type; send a question, "cancel" or "end_session".')
     session_id = data.get("session_id")

@@ -770,9 +770,10 @@ def test_cancel_after_the_stream_ended(server: Server, bedrock: FakeBedrock) -> 
     }
 
 
-# A cancel with nothing streaming is ignored: no frame, and the next question is answered normally.
+# A cancel with nothing streaming is ignored, whatever else it holds: no frame, and the next question is answered.
 def test_cancel_when_idle_is_ignored(ws: ClientConnection) -> None:
     ws.send(json.dumps({"type": "cancel"}))
+    ws.send(json.dumps({"type": "cancel", "session_id": ["odd"]}))  # other fields are no business of a cancel
     assert ask(ws, "idle cancel") == answer_frames("s1", echo_tokens("idle cancel"), 10)
 
 
