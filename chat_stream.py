@@ -406,12 +406,10 @@ async def answer(ws: WebSocket, session_id: str, session: Session, question: str
         return  # a failed question is not recorded, so the history stays valid for the next one
     full_text = "".join(parts)
     if full_text.strip():
-        session.history += [HumanMessage(question), AIMessage(full_text)]
-        if (excess := len(session.history) - MAX_HISTORY_MESSAGES) > 0:
-            del session.history[: excess + excess % 2]  # whole turns, so it still starts with a user message
-        session.history = trim_messages(  # newest whole turns within the budget: bounds memory and request size
-            session.history, max_tokens=MAX_HISTORY_TOKENS, token_counter="approximate", start_on="human"
-        )
+        history = [*session.history, HumanMessage(question), AIMessage(full_text)][-MAX_HISTORY_MESSAGES:]
+        session.history = trim_messages(  # the newest whole turns within both bounds: memory, and request size
+            history, max_tokens=MAX_HISTORY_TOKENS, token_counter="approximate", start_on="human"
+        )  # subtle: starting on a question keeps the roles alternating, as Bedrock requires
     end = {"type": "end", "session_id": session_id, "full_text": full_text, "stop_reason": stop_reason}
     await send(ws, {**end, "usage": usage})
 
