@@ -750,15 +750,15 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         super().send_receive_event_to_app()
 
     def fail(self, code: int, reason: str) -> None:
-        """Close with `code`, like uvicorn on a protocol error, but so that the close frame reaches the client:
-        subtle: closing a socket with unread input resets it, and the reset destroys the frame in flight. So send
-        the close frame and EOF, drop what still arrives, and close when the client does or a second later."""
-        self.conn.fail(code, reason)  # from here on websockets discards whatever the client sends
+        """Close with `code`, like uvicorn on a protocol error, but give the close frame a second to arrive: subtle:
+        closing a socket with unread input resets it, and the reset can destroy the frame in flight. Reading stops
+        at once (draining a flood would cost a core), so the client's own close is not awaited."""
+        self.conn.fail(code, reason)
         self.queue.put_nowait({"type": "websocket.disconnect", "code": code})
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.transport.write_eof()
-        self.close_sent = True
-        self.transport.resume_reading()
+        self.close_sent, self.read_paused = True, False  # uvicorn must not resume reading when the app reads on
+        self.transport.pause_reading()
         self.close_timer = self.loop.call_later(1.0, self.transport.close)
 
     def pause_writing(self) -> None:  # the client is not reading: wait for it, but not for ever
