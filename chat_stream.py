@@ -729,11 +729,9 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         super().connection_lost(exc)
 
     def handle_events(self) -> None:
-        now = self.loop.time()
-        self.allowance = min(
-            2.0 * MAX_FRAMES_PER_SECOND, self.allowance + (now - self.checked_at) * MAX_FRAMES_PER_SECOND
-        )
-        self.checked_at, self.allowance = now, self.allowance - len(self.conn.events)
+        now, rate = self.loop.time(), MAX_FRAMES_PER_SECOND  # a token bucket, refilled at `rate` frames a second
+        self.allowance = min(2.0 * rate, self.allowance + (now - self.checked_at) * rate) - len(self.conn.events)
+        self.checked_at = now
         if self.allowance < 0 and self.handshake_complete and not self.close_sent:
             log.warning("closing a WebSocket that sent over MAX_FRAMES_PER_SECOND=%d frames", MAX_FRAMES_PER_SECOND)
             self.conn.events_received()  # dropped unread
