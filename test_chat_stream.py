@@ -1211,6 +1211,9 @@ def test_max_connections_and_silent_sockets(bedrock: FakeBedrock, tmp_path: Path
 # closed after REQUEST_TIMEOUT and a real client is then served; the start-up log warns about the limit.
 @slow
 def test_silent_sockets_at_the_file_limit(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096:  # this test process holds the 1,100 sockets
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
     with run_server(tmp_path, open_files=1024, BEDROCK_ENDPOINT_URL=bedrock.url) as server:
         assert "open-file limit 1024 < 1320 needed at MAX_CONNECTIONS" in server.log()
         silent = [raw_connect(server.port) for _ in range(1100)]
