@@ -14,7 +14,7 @@ Protocol, on ws://HOST:PORT/ws/chat/completions, one JSON text frame per message
                      or {"type": "error", "session_id"?, "code", "message"}
 Error codes: invalid_request, too_large, busy, session_in_use, throttled, access_denied, model_error,
 unavailable, timeout, internal. After any error the connection stays open. Close codes: 1007 (text that is not
-UTF-8), 1008 (too many frames), 1009 (frame too large), 1012 (server restart).
+UTF-8), 1008 (too many frames), 1009 (frame too large), 1012 (server restart: SIGTERM drains answers first).
 
 Sections, in the order a question travels: settings; state; the model; errors; one answer; the connection;
 routes, the page and the app; the server (uvicorn's protocols, with their limits) and main.
@@ -151,6 +151,7 @@ ALLOWED_ORIGINS = setting("ALLOWED_ORIGINS", origins, frozenset())  # browser or
 ALLOWED_HOSTS = setting("ALLOWED_HOSTS", hosts, loopback_and(HOST))  # Host headers served (DNS rebinding); "*" = any
 MAX_CONNECTIONS = setting("MAX_CONNECTIONS", positive_int, 1000)  # open WebSockets per process; over it: HTTP 503
 SEND_TIMEOUT = setting("SEND_TIMEOUT", positive_number, 20.0)  # seconds a client may leave a frame unread
+DRAIN_TIMEOUT = setting("DRAIN_TIMEOUT", positive_number, 20.0)  # seconds SIGTERM lets answers in flight finish
 MAX_FRAMES_PER_SECOND = setting("MAX_FRAMES_PER_SECOND", positive_int, 20)  # per connection; over it: close 1008
 MAX_SESSION_ID_CHARS = 128
 MAX_FRAME_BYTES = 12 * (MAX_QUESTION_CHARS + MAX_SESSION_ID_CHARS) + 1024  # larger: closed with 1009 by uvicorn
@@ -172,8 +173,10 @@ class Session:
 
 
 SESSIONS: dict[str, Session] = {}  # at most MAX_SESSIONS_PER_CONNECTION per connection; leave on end_session or close
-CONNECTIONS: set[WebSocket] = set()  # open chat sockets, at most MAX_CONNECTIONS; each leaves in its `finally`
+CONNECTIONS: dict[WebSocket, asyncio.Task[None] | None] = {}  # open chat sockets and their answer (None: idle),
+# at most MAX_CONNECTIONS; each leaves in its handler's `finally`
 STREAMS: set[asyncio.Task[None]] = set()  # answers streaming now; at most MAX_CONCURRENT_STREAMS
+DRAINING = asyncio.Event()  # set on SIGTERM: /healthz says 503, no new handshake or question, answers finish
 
 
 # --- the model: LangChain's interface (messages in, AIMessageChunks out) over native async I/O
@@ -345,6 +348,9 @@ def error_code(exc: Exception) -> str:
     return "internal"
 
 
+RESTARTING = "The server is restarting; reconnect and ask again."
+
+
 class BadRequest(Exception):
     def __init__(self, code: str, message: str, session_id: str | None = None) -> None:
         super().__init__(message)
@@ -475,11 +481,11 @@ async def chat(ws: WebSocket) -> None:
     if not handshake_allowed(ws):
         await ws.close(code=1008)  # before accept(): uvicorn answers the handshake with HTTP 403
         return
-    if len(CONNECTIONS) >= MAX_CONNECTIONS:
-        log.warning("refused a WebSocket: MAX_CONNECTIONS=%d are open", MAX_CONNECTIONS)
-        await ws.send_denial_response(PlainTextResponse("Too many connections; try again later.", 503))
+    if DRAINING.is_set() or len(CONNECTIONS) >= MAX_CONNECTIONS:
+        log.warning("refused a WebSocket: %s", "draining" if DRAINING.is_set() else f"{MAX_CONNECTIONS=} are open")
+        await ws.send_denial_response(PlainTextResponse("Too many connections, or restarting; try again.", 503))
         return
-    CONNECTIONS.add(ws)
+    CONNECTIONS[ws] = None
     owned: set[str] = set()  # session ids this connection created
     task: asyncio.Task[None] | None = None
     streaming = ""  # the session id of `task`
@@ -494,7 +500,9 @@ async def chat(ws: WebSocket) -> None:
             kind, session_id = request.get("type"), request.get("session_id")
             session = SESSIONS.get(session_id)
             busy = task is not None and not task.done()
-            if session is not None and session.owner is not ws:
+            if kind is None and DRAINING.is_set():
+                await send(ws, error_frame("unavailable", RESTARTING, session_id))  # before busy: reconnect elsewhere
+            elif session is not None and session.owner is not ws:
                 await send(ws, error_frame("session_in_use", "This session is open on another connection.", session_id))
             elif kind == "cancel" or kind == "end_session":
                 if task in STREAMS and (kind == "cancel" or session_id == streaming):
@@ -511,6 +519,7 @@ async def chat(ws: WebSocket) -> None:
                 session = SESSIONS.setdefault(session_id, Session(ws))
                 owned.add(session_id)
                 task, streaming = asyncio.create_task(answer(ws, session_id, session, request["question"])), session_id
+                CONNECTIONS[ws] = task
                 STREAMS.add(task)
                 task.add_done_callback(STREAMS.discard)
     finally:
@@ -519,16 +528,17 @@ async def chat(ws: WebSocket) -> None:
             await asyncio.gather(task, return_exceptions=True)  # also collects a send that failed as the client left
         for session_id in owned:
             SESSIONS.pop(session_id, None)
-        CONNECTIONS.discard(ws)
+        CONNECTIONS.pop(ws, None)
 
 
 # --- small routes, the page, the app
 
 
 async def healthz(request: Request) -> JSONResponse:
-    return JSONResponse(
-        {"status": "ok", "connections": len(CONNECTIONS), "sessions": len(SESSIONS), "streams": len(STREAMS)}
-    )
+    counts = {"connections": len(CONNECTIONS), "sessions": len(SESSIONS), "streams": len(STREAMS)}
+    if DRAINING.is_set():  # a load balancer stops sending new clients here
+        return JSONResponse({"status": "draining", **counts}, status_code=503)
+    return JSONResponse({"status": "ok", **counts})
 
 
 async def page(request: Request) -> HTMLResponse:
@@ -781,6 +791,32 @@ def is_utf8(frames: list[bytes]) -> bool:
         return False
 
 
+async def drain() -> None:
+    """SIGTERM's first step, while the listeners still answer: idle connections are closed with 1012 at once,
+    answers in flight run to their end (then 1012), and whatever still streams after DRAIN_TIMEOUT is cut."""
+    DRAINING.set()
+    deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT
+    in_flight = sum(task is not None and not task.done() for task in CONNECTIONS.values())
+    log.info("draining: %d answers in flight, for up to DRAIN_TIMEOUT=%gs", in_flight, DRAIN_TIMEOUT)
+
+    async def finish(ws: WebSocket, task: asyncio.Task[None] | None) -> None:
+        if task is not None:
+            await asyncio.wait([task], timeout=max(0, deadline - asyncio.get_running_loop().time()))
+            task.cancel()  # a no-op when it ended; else its Bedrock stream is closed now
+            await asyncio.gather(task, return_exceptions=True)
+        await ws.close(1012)  # service restart: reconnect
+
+    await asyncio.gather(*(finish(ws, task) for ws, task in list(CONNECTIONS.items())), return_exceptions=True)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, draining before its own shutdown (which fails every WebSocket with 1012 at once)."""
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        await drain()
+        await super().shutdown(sockets)
+
+
 def serve() -> None:
     """`python chat_stream.py`: uvicorn with the protocols above and the limits from the settings."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -789,18 +825,21 @@ def serve() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
     if hard < needed:
         print(f"chat_stream: warning: open-file limit {hard} < {needed} needed at MAX_CONNECTIONS", file=sys.stderr)
-    one = WORKERS == 1  # subtle: workers import the app by name; one process runs these objects, imported once
-    uvicorn.run(
-        app if one else "chat_stream:app",
-        http=HTTPProtocol if one else "chat_stream:HTTPProtocol",
-        ws=WebSocketProtocol if one else "chat_stream:WebSocketProtocol",
-        host=HOST,
-        port=PORT,
-        workers=WORKERS,
-        ws_max_size=MAX_FRAME_BYTES,
-        ws_per_message_deflate=False,  # token frames are tiny: compressing them costs CPU and saves nothing
-        timeout_graceful_shutdown=5,  # on SIGTERM, clients get close code 1012 and may reconnect elsewhere
-    )
+    options = {
+        "host": HOST,
+        "port": PORT,
+        "ws_max_size": MAX_FRAME_BYTES,
+        "ws_per_message_deflate": False,  # token frames are tiny: compressing them costs CPU and saves nothing
+        "timeout_graceful_shutdown": 5,  # after the drain: whatever is left gets close code 1012
+    }
+    if WORKERS > 1:  # workers import the app by name, and run uvicorn's own Server: no drain
+        ws, http = "chat_stream:WebSocketProtocol", "chat_stream:HTTPProtocol"
+        uvicorn.run("chat_stream:app", http=http, ws=ws, workers=WORKERS, **options)
+        return
+    server = Server(uvicorn.Config(app, http=HTTPProtocol, ws=WebSocketProtocol, **options))  # subtle: these
+    server.run()  # objects, not names, so that the module is not imported a second time
+    if not server.started:
+        sys.exit(3)  # as uvicorn.run does when start-up fails
 
 
 if __name__ == "__main__":

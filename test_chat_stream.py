@@ -1348,24 +1348,64 @@ def test_log_outcomes(server: Server, bedrock: FakeBedrock) -> None:
     ]
 
 
-# SIGTERM: streaming clients are closed with 1012 (they may reconnect), and the process exits within 10 s.
-def test_sigterm_closes_clients_and_exits(tmp_path: Path, bedrock: FakeBedrock) -> None:
+# SIGTERM drains: /healthz says 503 "draining" and new handshakes get 503; an idle connection is closed with
+# 1012 at once; a new question gets "unavailable" (before "busy"); 20 answers in flight each run to their exact
+# end, then 1012; the process exits as soon as they are done.
+def test_sigterm_drains(tmp_path: Path, bedrock: FakeBedrock) -> None:
     with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url) as server, contextlib.ExitStack() as stack:
-        clients = [stack.enter_context(connect(server.ws_url)) for _ in range(3)]
+        idle = stack.enter_context(connect(server.ws_url))
+        clients = [stack.enter_context(connect(server.ws_url)) for _ in range(20)]
+        tokens = [f" d{i}" for i in range(30)]
         for i, ws in enumerate(clients):
-            start_slow_answer(ws, bedrock, f"until shutdown {i}", f"s{i}", tokens=1)
+            bedrock.replies[f"drain {i}"] = Reply(tokens=tokens, delay=0.05)
+            ws.send(json.dumps({"question": f"drain {i}", "session_id": f"d{i}"}))
+            assert json.loads(ws.recv(timeout=5))["type"] == "start"
         server.process.send_signal(signal.SIGTERM)
         signalled_at = time.monotonic()
-        for ws in clients:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            idle.recv(timeout=5)
+        assert closed.value.rcvd.code == 1012 and time.monotonic() - signalled_at < 1
+        response = httpx.get(f"{server.http}/healthz")
+        assert response.status_code == 503 and response.json()["status"] == "draining"
+        sock, status = handshake(server.port)
+        sock.close()
+        assert status == 503
+        clients[0].send(json.dumps({"question": "one more", "session_id": "d0"}))
+        for i, ws in enumerate(clients):
+            frames = [json.loads(ws.recv(timeout=5)) for _ in range(31 + (i == 0))]
+            if i == 0:
+                refused = {"type": "error", "session_id": "d0", "code": "unavailable", "message": RESTARTING}
+                assert refused in frames
+                frames.remove(refused)
+            received = [f["text"] for f in frames if f["type"] == "token"]
+            assert received == tokens[-len(received) :] and frames[-1]["full_text"] == "".join(tokens)
             with pytest.raises(websockets.ConnectionClosed) as closed:
-                while True:
-                    ws.recv(timeout=10)
-            assert closed.value.rcvd.code in (1001, 1012)
+                ws.recv(timeout=5)
+            assert closed.value.rcvd.code == 1012
         assert server.process.wait(timeout=10) == -signal.SIGTERM  # uvicorn re-raises the signal once it is done
+        assert time.monotonic() - signalled_at < 5  # 30 tokens, 50 ms apart: 1.5 s at most, then out
         assert "Application shutdown complete." in server.log()
-        assert time.monotonic() - signalled_at < 10
-    for i in range(3):
-        wait_for(lambda i=i: bedrock.calls_for(f"until shutdown {i}")[0].client_closed_at, 1, "upstream closed")
+    assert not bedrock.calls_for("one more")
+
+
+RESTARTING = "The server is restarting; reconnect and ask again."
+
+
+# After DRAIN_TIMEOUT, an answer still streaming is cut: its client gets 1012, its Bedrock stream is closed, and
+# the process exits within DRAIN_TIMEOUT + 5 s.
+def test_sigterm_drain_timeout(tmp_path: Path, bedrock: FakeBedrock) -> None:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, DRAIN_TIMEOUT=1) as server:
+        with connect(server.ws_url) as ws:
+            start_slow_answer(ws, bedrock, "longer than the drain", "long", tokens=1)
+            server.process.send_signal(signal.SIGTERM)
+            signalled_at = time.monotonic()
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while json.loads(ws.recv(timeout=10))["type"] == "token":
+                    pass
+            assert closed.value.rcvd.code == 1012 and 1 <= time.monotonic() - signalled_at < 3
+        assert server.process.wait(timeout=10) == -signal.SIGTERM and time.monotonic() - signalled_at < 6
+    (call,) = bedrock.calls_for("longer than the drain")
+    assert call.client_closed_at and not call.finished
 
 
 # --- the chat page, in a real headless Chromium
