@@ -157,7 +157,7 @@ MAX_SESSION_ID_CHARS = 128
 MAX_FRAME_BYTES = 12 * (MAX_QUESTION_CHARS + MAX_SESSION_ID_CHARS) + 1024  # larger: closed with 1009 by uvicorn
 # subtle: 12 bytes a character is the worst valid encoding, an astral character escaped as a surrogate pair
 MAX_SESSIONS_PER_CONNECTION = 4  # with MAX_HISTORY_TOKENS, bounds what one connection holds (README: limits)
-REQUEST_TIMEOUT = 5  # seconds a new TCP connection may take to send its HTTP request
+REQUEST_TIMEOUT = 5  # seconds for a whole HTTP request, from the connection or the last response
 
 log = logging.getLogger("uvicorn.error.chat_stream")  # subtle: a child of uvicorn's logger, so it is configured
 # however the app was started (python chat_stream.py, uvicorn CLI, workers)
@@ -175,7 +175,7 @@ class Session:
 SESSIONS: dict[str, Session] = {}  # at most MAX_SESSIONS_PER_CONNECTION per connection; leave on end_session or close
 CONNECTIONS: dict[WebSocket, asyncio.Task[None] | None] = {}  # open chat sockets and their answer (None: idle),
 # at most MAX_CONNECTIONS; each leaves in its handler's `finally`
-STREAMS: set[asyncio.Task[None]] = set()  # answers streaming now; at most MAX_CONCURRENT_STREAMS
+STREAMS: set[asyncio.Task[None]] = set()  # answers whose Bedrock stream is open; at most MAX_CONCURRENT_STREAMS
 DRAINING = asyncio.Event()  # set on SIGTERM: /healthz says 503, no new handshake or question, answers finish
 
 
@@ -482,8 +482,9 @@ async def chat(ws: WebSocket) -> None:
         await ws.close(code=1008)  # before accept(): uvicorn answers the handshake with HTTP 403
         return
     if DRAINING.is_set() or len(CONNECTIONS) >= MAX_CONNECTIONS:
-        log.warning("refused a WebSocket: %s", "draining" if DRAINING.is_set() else f"{MAX_CONNECTIONS=} are open")
-        await ws.send_denial_response(PlainTextResponse("Too many connections, or restarting; try again.", 503))
+        reason = "the server is restarting" if DRAINING.is_set() else f"{MAX_CONNECTIONS=} are open"
+        log.warning("refused a WebSocket: %s", reason)
+        await ws.send_denial_response(PlainTextResponse(f"Refused: {reason}; try again shortly.", 503))
         return
     CONNECTIONS[ws] = None
     owned: set[str] = set()  # session ids this connection created
@@ -499,7 +500,6 @@ async def chat(ws: WebSocket) -> None:
                 continue
             kind, session_id = request.get("type"), request.get("session_id")
             session = SESSIONS.get(session_id)
-            busy = task is not None and not task.done()
             if kind is None and DRAINING.is_set():
                 await send(ws, error_frame("unavailable", RESTARTING, session_id))  # before busy: reconnect elsewhere
             elif session is not None and session.owner is not ws:
@@ -513,7 +513,7 @@ async def chat(ws: WebSocket) -> None:
             elif session is None and len(owned) >= MAX_SESSIONS_PER_CONNECTION:
                 message = f"This connection already has {MAX_SESSIONS_PER_CONNECTION} sessions; end one or reconnect."
                 await send(ws, error_frame("too_large", message, session_id))
-            elif busy or len(STREAMS) >= MAX_CONCURRENT_STREAMS:
+            elif (task and not task.done()) or len(STREAMS) >= MAX_CONCURRENT_STREAMS:
                 await send(ws, error_frame("busy", session_id=session_id))
             else:
                 session = SESSIONS.setdefault(session_id, Session(ws))
@@ -795,13 +795,12 @@ async def drain() -> None:
     """SIGTERM's first step, while the listeners still answer: idle connections are closed with 1012 at once,
     answers in flight run to their end (then 1012), and whatever still streams after DRAIN_TIMEOUT is cut."""
     DRAINING.set()
-    deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT
     in_flight = sum(task is not None and not task.done() for task in CONNECTIONS.values())
     log.info("draining: %d answers in flight, for up to DRAIN_TIMEOUT=%gs", in_flight, DRAIN_TIMEOUT)
 
     async def finish(ws: WebSocket, task: asyncio.Task[None] | None) -> None:
         if task is not None:
-            await asyncio.wait([task], timeout=max(0, deadline - asyncio.get_running_loop().time()))
+            await asyncio.wait([task], timeout=DRAIN_TIMEOUT)  # every finish() starts now: one deadline for all
             task.cancel()  # a no-op when it ended; else its Bedrock stream is closed now
             await asyncio.gather(task, return_exceptions=True)
         await ws.close(1012)  # service restart: reconnect

@@ -1118,10 +1118,7 @@ def test_client_that_stops_reading(bedrock: FakeBedrock, tmp_path: Path) -> None
         server.reset_peak()
         for i in range(2):
             bedrock.replies[f"never read {i}"] = Reply(tokens=["x" * 10_000] * 4096)  # more than all socket buffers
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # no autotuning to megabytes
-            sock.connect(("127.0.0.1", server.port))
-            stalled = stack.enter_context(connect(server.ws_url, sock=sock, max_queue=1, close_timeout=0.1))
+            stalled = stack.enter_context(slow_reader(server))
             stalled.send(json.dumps({"question": f"never read {i}", "session_id": f"stalled-{i}"}))
         wait_for(lambda: server.health()["streams"] == 2, 5, "both answers to stream")
         stalled_at = time.monotonic()
