@@ -4,19 +4,24 @@ Run it:   python chat_stream.py     (plain `uvicorn chat_stream:app` works, with
 Demo without an AWS account:   BEDROCK_MODEL_ID=offline python chat_stream.py, then open http://127.0.0.1:8000/
 
 Protocol, on ws://HOST:PORT/ws/chat/completions, one JSON text frame per message:
-  client -> server   {"question": str, "session_id": str}    ask (a session's memory lives as long as the connection)
-                     {"type": "cancel"}                       stop the answer being streamed
-                     {"type": "end_session", "session_id"}   forget one of this connection's sessions now
-  server -> client   {"type": "start", "session_id"}
-                     {"type": "token", "text"}                zero or more
-                     {"type": "end", "session_id", "full_text", "stop_reason",
+  client -> server   {"question": str, "session_id"?: str}     ask; no session_id (or null) starts a new session
+                     {"type": "cancel"}                         stop the answer being streamed
+                     {"type": "end_session", "session_id"}     forget one of this connection's sessions now
+                     {"type": "resume", "session_id", "resume_token", "turn_id"?, "after"?}
+                                                                rejoin a session after a dropped connection
+  server -> client   {"type": "start", "session_id", "turn_id", "resume_token"}
+                     {"type": "token", "text", "seq"}           zero or more; seq counts 1, 2, 3, ... in a turn
+                     {"type": "end", "session_id", "turn_id", "full_text", "stop_reason",
                       "usage": {"input_tokens", "output_tokens"}}
-                     or {"type": "error", "session_id"?, "code", "message"}
-Error codes: invalid_request, too_large, busy, session_in_use, throttled, access_denied, model_error,
+                     or {"type": "error", "session_id"?, "turn_id"?, "code", "message"}
+                     {"type": "resumed", "session_id", "history": [{"role", "text"}], "pending": null or
+                      {"turn_id", "question"}}, then the pending turn's tokens after `after`, live, and its end
+Error codes: invalid_request, too_large, busy, session_in_use, not_found, throttled, access_denied, model_error,
 unavailable, timeout, internal. After any error the connection stays open. Close codes: 1007 (text that is not
 UTF-8), 1008 (too many frames), 1009 (frame too large), 1012 (server restart: SIGTERM drains answers first).
+A session outlives its connection by SESSION_TTL, and its answer streams on for RESUME_GRACE, for a resume.
 
-Sections, in the order a question travels: settings; state; the model; errors; one answer; the connection;
+Sections, in the order a question travels: settings; sessions; the model; errors; one answer; the connection;
 routes, the page and the app; the server (uvicorn's protocols, with their limits) and main.
 """
 
@@ -33,6 +38,7 @@ import logging
 import os
 import re
 import resource
+import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -70,7 +76,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
@@ -99,6 +105,12 @@ def positive_int(raw: str) -> int:
 
 def positive_number(raw: str) -> float:
     if not (value := float(raw)) > 0:
+        raise ValueError(raw)
+    return value
+
+
+def seconds(raw: str) -> float:
+    if not (value := float(raw)) >= 0:
         raise ValueError(raw)
     return value
 
@@ -152,6 +164,9 @@ ALLOWED_HOSTS = setting("ALLOWED_HOSTS", hosts, loopback_and(HOST))  # Host head
 MAX_CONNECTIONS = setting("MAX_CONNECTIONS", positive_int, 1000)  # open WebSockets per process; over it: HTTP 503
 SEND_TIMEOUT = setting("SEND_TIMEOUT", positive_number, 20.0)  # seconds a client may leave a frame unread
 DRAIN_TIMEOUT = setting("DRAIN_TIMEOUT", positive_number, 20.0)  # seconds SIGTERM lets answers in flight finish
+SESSION_TTL = setting("SESSION_TTL", seconds, 900.0)  # seconds a session outlives its connection; 0 = dies with it
+RESUME_GRACE = min(setting("RESUME_GRACE", seconds, 30.0), SESSION_TTL)  # seconds an answer streams on, unread
+MAX_SESSIONS = setting("MAX_SESSIONS", positive_int, 10_000)  # per process; when full the oldest detached one goes
 MAX_FRAMES_PER_SECOND = setting("MAX_FRAMES_PER_SECOND", positive_int, 20)  # per connection; over it: close 1008
 MAX_SESSION_ID_CHARS = 128
 MAX_FRAME_BYTES = 12 * (MAX_QUESTION_CHARS + MAX_SESSION_ID_CHARS) + 1024  # larger: closed with 1009 by uvicorn
@@ -163,20 +178,85 @@ log = logging.getLogger("uvicorn.error.chat_stream")  # subtle: a child of uvico
 # however the app was started (python chat_stream.py, uvicorn CLI, workers)
 
 
-# --- state: what the process holds, each bounded
+# --- sessions: each conversation, its resume token and its answer in flight; what the process holds, bounded
 
 
-@dataclass
+@dataclass(eq=False)
+class Turn:
+    """One answer. Its tokens stay here until its final frame is delivered, so a client that lost its connection
+    can resume it: `seq` n is tokens[n - 1]."""
+
+    id: str
+    question: str
+    tokens: list[str] = field(default_factory=list)  # every token so far; a cancel cuts it to what was sent
+    final: dict[str, Any] | None = None  # its end or error frame, once the answer is over
+    sent: int = 0  # tokens handed to the attached connection (a cancel keeps exactly these)
+    task: asyncio.Task[None] | None = None  # the answer (see `answer`), reading Bedrock
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # a token or the final frame arrived
+    room: asyncio.Event = field(default_factory=asyncio.Event)  # the connection caught up (see WINDOW)
+
+
+@dataclass(eq=False)
 class Session:
-    owner: WebSocket  # the only connection that may read or extend this conversation
+    id: str
+    owner: WebSocket | None  # the only connection that may read or extend it; None while detached
+    resume_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)  # the client's secret
     history: list[BaseMessage] = field(default_factory=list)  # whole user/assistant turns, oldest first
+    pending: Turn | None = None  # the turn whose final frame has not been delivered
+    timers: list[asyncio.TimerHandle] = field(default_factory=list)  # while detached: grace, then expiry
 
 
-SESSIONS: dict[str, Session] = {}  # at most MAX_SESSIONS_PER_CONNECTION per connection; leave on end_session or close
-CONNECTIONS: dict[WebSocket, asyncio.Task[None] | None] = {}  # open chat sockets and their answer (None: idle),
-# at most MAX_CONNECTIONS; each leaves in its handler's `finally`
+SESSIONS: dict[str, Session] = {}  # at most MAX_SESSIONS; leave on end_session, on expiry, or when evicted
+DETACHED: dict[str, Session] = {}  # the sessions with no connection, least recently detached first
+CONNECTIONS: dict[WebSocket, asyncio.Task[None] | None] = {}  # open chat sockets and the turn each is sending
+# (None: idle), at most MAX_CONNECTIONS; each leaves in its handler's `finally`
 STREAMS: set[asyncio.Task[None]] = set()  # answers whose Bedrock stream is open; at most MAX_CONCURRENT_STREAMS
 DRAINING = asyncio.Event()  # set on SIGTERM: /healthz says 503, no new handshake or question, answers finish
+WINDOW = 64  # tokens an answer may read ahead of a connection that reads slowly; then Bedrock's stream waits
+
+
+def new_session(session_id: str | None, ws: WebSocket) -> Session | None:
+    """A session attached to `ws` (an id is minted if the client gave none); None if MAX_SESSIONS are all attached."""
+    if len(SESSIONS) >= MAX_SESSIONS:
+        if not DETACHED:
+            return None
+        drop(next(iter(DETACHED.values())))  # the least recently used detached session makes room
+    session = Session(session_id or secrets.token_urlsafe(16), ws)
+    SESSIONS[session.id] = session
+    return session
+
+
+def attach(session: Session, ws: WebSocket) -> None:
+    """`ws` holds the session from now on, even if another connection held it (a half-open one, say)."""
+    session.owner = ws
+    DETACHED.pop(session.id, None)
+    for timer in session.timers:
+        timer.cancel()
+    session.timers.clear()
+
+
+def detach(session: Session) -> None:
+    """Its connection closed. The session waits SESSION_TTL for a resume; its answer streams on for RESUME_GRACE."""
+    if SESSION_TTL == 0:
+        drop(session)
+        return
+    session.owner = None
+    DETACHED[session.id] = session
+    loop = asyncio.get_running_loop()
+    session.timers.append(loop.call_later(SESSION_TTL, drop, session))
+    if (turn := session.pending) and turn.task in STREAMS:
+        turn.room.set()  # nobody reads now: the answer runs to its end (or to the grace), kept for a resume
+        session.timers.append(loop.call_later(RESUME_GRACE, turn.task.cancel, "cancel"))  # ends as a cancel does
+
+
+def drop(session: Session) -> None:
+    """Forget the session now; an answer it still streams is stopped."""
+    SESSIONS.pop(session.id, None)
+    DETACHED.pop(session.id, None)
+    for timer in session.timers:
+        timer.cancel()
+    if session.pending and session.pending.task and not session.pending.task.cancelling():
+        session.pending.task.cancel()  # subtle: not when a cancel is on its way already, which would lose its reason
 
 
 # --- the model: LangChain's interface (messages in, AIMessageChunks out) over native async I/O
@@ -349,6 +429,10 @@ def error_code(exc: Exception) -> str:
 
 
 RESTARTING = "The server is restarting; reconnect and ask again."
+IN_USE = "This session is open on another connection; resume it with its resume_token first."
+NOT_FOUND = "No such session: it may have expired, or the resume_token is wrong. Start a new session."
+TOO_MANY_SESSIONS = f"This connection already has {MAX_SESSIONS_PER_CONNECTION} sessions; end one or reconnect."
+ROLES = {"human": "user", "ai": "assistant"}  # LangChain's message types, as the resumed frame names them
 
 
 class BadRequest(Exception):
@@ -366,65 +450,95 @@ async def send(ws: WebSocket, frame: dict[str, Any]) -> None:
     await ws.send_text(json.dumps(frame, ensure_ascii=False))
 
 
-# --- one answer, streamed as a task so the connection keeps reading (cancel, busy) meanwhile
+# --- one answer: a task reads Bedrock into its Turn; another sends the Turn to whichever connection holds the session
 
 
-async def answer(ws: WebSocket, session_id: str, session: Session, question: str) -> None:
-    messages = [*([SystemMessage(SYSTEM_PROMPT)] if SYSTEM_PROMPT else []), *session.history, HumanMessage(question)]
-    parts: list[str] = []  # exactly the text sent to the client
+async def answer(session: Session, turn: Turn, messages: list[BaseMessage]) -> None:
+    """Read the model's answer into `turn`, to its final frame, whether or not a connection is attached."""
     stop_reason, usage = None, None
     started, first_token = time.perf_counter(), None
     outcome = "end"
     try:
-        await send(ws, {"type": "start", "session_id": session_id})
-        async with aclosing(MODEL.astream(messages)) as chunks:  # closed even when our own send fails
+        async with aclosing(MODEL.astream(messages)) as chunks:  # the Bedrock stream is closed even when cancelled
             async for chunk in chunks:
                 if text := chunk.text:
                     first_token = first_token or time.perf_counter()
-                    await send(ws, {"type": "token", "text": text})
-                    parts.append(text)  # after the send: a cancel that lands while it waits leaves the token unsent
+                    turn.tokens.append(text)
+                    turn.changed.set()
+                    while len(turn.tokens) - turn.sent > WINDOW and session.owner is not None:
+                        turn.room.clear()  # the client reads slowly: stop reading Bedrock until it catches up
+                        await turn.room.wait()
                 stop_reason = chunk.response_metadata.get("stopReason", stop_reason)
                 if chunk.usage_metadata:
                     usage = {k: chunk.usage_metadata[k] for k in ("input_tokens", "output_tokens")}
     except asyncio.CancelledError as exc:
-        if exc.args != ("cancel",):  # the connection is closing: let the cancellation through
+        if exc.args != ("cancel",):  # the session is gone (or the server stops): nobody will read this turn
             outcome = "disconnected"
             raise
         asyncio.current_task().uncancel()
         stop_reason = outcome = "cancelled"
-    except WebSocketDisconnect:
-        outcome = "disconnected"
-        return  # the client left mid-answer; the connection handler cleans up
     except Exception as exc:
         outcome = error_code(exc)
         if outcome == "internal":
-            log.exception("answer failed: session=%r", session_id)
+            log.exception("answer failed: session=%r turn=%s", session.id, turn.id)
         else:
-            log.warning("answer failed: session=%r code=%s detail=%s", session_id, outcome, exc)
+            log.warning("answer failed: session=%r turn=%s code=%s detail=%s", session.id, turn.id, outcome, exc)
     finally:
         STREAMS.discard(asyncio.current_task())  # the upstream is closed: from here on a cancel cannot cut it short
-        usage = usage or {"input_tokens": 0, "output_tokens": len(parts)}  # Bedrock's, or the deltas sent: billed
+        usage = usage or {"input_tokens": 0, "output_tokens": len(turn.tokens)}  # Bedrock's, or the deltas: billed
         ttft, took = first_token and round((first_token - started) * 1000), (time.perf_counter() - started) * 1000
-        line = "answer session=%r model=%s ttft_ms=%s duration_ms=%d tokens_in=%d tokens_out=%d outcome=%s"
-        log.info(line, session_id, BEDROCK_MODEL_ID, ttft, took, usage["input_tokens"], usage["output_tokens"], outcome)
-    if outcome not in ("end", "cancelled"):
-        await send(ws, error_frame(outcome, session_id=session_id))
-        return  # a failed question is not recorded, so the history stays valid for the next one
-    full_text = "".join(parts)
-    if full_text.strip():
-        history = [*session.history, HumanMessage(question), AIMessage(full_text)][-MAX_HISTORY_MESSAGES:]
+        line = "answer session=%r turn=%s model=%s ttft_ms=%s duration_ms=%d tokens_in=%d tokens_out=%d outcome=%s"
+        tokens_in, tokens_out = usage["input_tokens"], usage["output_tokens"]
+        log.info(line, session.id, turn.id, BEDROCK_MODEL_ID, ttft, took, tokens_in, tokens_out, outcome)
+    if outcome in ("end", "cancelled"):
+        end = {"type": "end", "session_id": session.id, "turn_id": turn.id, "full_text": "".join(turn.tokens)}
+        turn.final = {**end, "stop_reason": stop_reason, "usage": usage}
+    else:
+        turn.final = {**error_frame(outcome, session_id=session.id), "turn_id": turn.id}
+    turn.changed.set()
+
+
+async def deliver(ws: WebSocket, session: Session, turn: Turn, after: int, start: dict[str, Any] | None) -> None:
+    """Send `ws` the turn's tokens from seq `after` + 1, then the live tail, then its end or error; stop early if
+    another connection takes the session over. The turn is settled once its final frame is sent."""
+    try:
+        if start:
+            await send(ws, start)
+        sent = after
+        while session.owner is ws:
+            if sent < len(turn.tokens):
+                sent = turn.sent = sent + 1
+                await send(ws, {"type": "token", "text": turn.tokens[sent - 1], "seq": sent})
+                turn.room.set()
+            elif turn.final is None:
+                turn.changed.clear()
+                await turn.changed.wait()
+            else:
+                await send(ws, turn.final)
+                if session.owner is ws and session.pending is turn:
+                    settle(session, turn)
+                return
+    except (WebSocketDisconnect, WebSocketDisconnected):
+        return  # the connection is closing: its handler detaches the session, and a resume sends the rest
+
+
+def settle(session: Session, turn: Turn) -> None:
+    """The turn was delivered: an answer with text joins the history; a failed one is not recorded, so the
+    history stays valid for the next question."""
+    session.pending = None
+    if turn.final["type"] == "end" and turn.final["full_text"].strip():
+        history = [*session.history, HumanMessage(turn.question), AIMessage(turn.final["full_text"])]
+        history = history[-MAX_HISTORY_MESSAGES:]
         session.history = trim_messages(  # the newest whole turns within both bounds: memory, and request size
             history, max_tokens=MAX_HISTORY_TOKENS, token_counter="approximate", start_on="human"
         )  # subtle: starting on a question keeps the roles alternating, as Bedrock requires
-    end = {"type": "end", "session_id": session_id, "full_text": full_text, "stop_reason": stop_reason}
-    await send(ws, {**end, "usage": usage})
 
 
 # --- the connection: validate each frame, start answers, clean up on close
 
 
 def parse(message: dict[str, Any]) -> dict[str, Any]:
-    """The client's frame as a dict: a question with a valid session_id, a cancel or an end_session; else BadRequest."""
+    """The client's frame with its "type" (question, cancel, end_session or resume), checked; else BadRequest."""
     if message.get("text") is None:
         raise BadRequest("invalid_request", "Binary frames are not supported; send JSON text.")
     try:
@@ -433,19 +547,29 @@ def parse(message: dict[str, Any]) -> dict[str, Any]:
         raise BadRequest("invalid_request", "The frame is not valid JSON.") from None
     if not isinstance(data, dict):
         raise BadRequest("invalid_request", "The frame must be a JSON object.")
-    if data.get("type") == "cancel":
+    kind = data.get("type") or "question"
+    if kind == "cancel":
         return {"type": "cancel"}  # whatever else it holds
-    if data.get("type") not in (None, "end_session"):
-        raise BadRequest("invalid_request", 'Unknown frame type; send a question, "cancel" or "end_session".')
+    if kind not in ("question", "end_session", "resume"):
+        raise BadRequest("invalid_request", 'Unknown frame type; send a question, "cancel", "end_session" or "resume".')
     session_id = data.get("session_id")
-    if not isinstance(session_id, str) or not session_id.strip() or len(session_id) > MAX_SESSION_ID_CHARS:
+    if session_id is None and kind == "question":
+        pass  # a new session, with an id the server mints
+    elif not isinstance(session_id, str) or not session_id.strip() or len(session_id) > MAX_SESSION_ID_CHARS:
         raise BadRequest(
             "invalid_request", f"session_id must be a non-empty string of at most {MAX_SESSION_ID_CHARS} characters."
         )
-    if not is_unicode(session_id):
+    elif not is_unicode(session_id):
         raise BadRequest("invalid_request", "session_id is not valid Unicode text.")
-    if data.get("type") == "end_session":
-        return data
+    if kind == "end_session":
+        return {"type": kind, "session_id": session_id}
+    if kind == "resume":
+        token, turn_id, after = data.get("resume_token"), data.get("turn_id"), data.get("after")
+        if not isinstance(token, str) or not isinstance(turn_id, str | None):
+            raise BadRequest("invalid_request", "resume_token must be a string, and turn_id a string if given.")
+        if after is not None and (type(after) is not int or after < 0):
+            raise BadRequest("invalid_request", "after must be a whole number of tokens, 0 or more.", session_id)
+        return {"type": kind, "session_id": session_id, "resume_token": token, "turn_id": turn_id, "after": after or 0}
     question = data.get("question")
     if not isinstance(question, str) or not question.strip():
         raise BadRequest("invalid_request", "question must be a non-empty string.", session_id)
@@ -453,7 +577,7 @@ def parse(message: dict[str, Any]) -> dict[str, Any]:
         raise BadRequest("too_large", f"question is longer than {MAX_QUESTION_CHARS} characters.", session_id)
     if not is_unicode(question):
         raise BadRequest("invalid_request", "question is not valid Unicode text.", session_id)
-    return data
+    return {"type": kind, "session_id": session_id, "question": question}
 
 
 def is_unicode(text: str) -> bool:
@@ -477,6 +601,30 @@ def handshake_allowed(ws: WebSocket) -> bool:
     return urlsplit(origin).netloc == ws.headers.get("host", "").lower()  # a Host that ALLOWED_HOSTS let in
 
 
+def start_turn(ws: WebSocket, session: Session, question: str) -> asyncio.Task[None]:
+    """Ask the model; return the task that sends the answer to `ws`."""
+    turn = session.pending = Turn(secrets.token_urlsafe(12), question)
+    system = [SystemMessage(SYSTEM_PROMPT)] if SYSTEM_PROMPT else []
+    turn.task = asyncio.create_task(answer(session, turn, [*system, *session.history, HumanMessage(question)]))
+    STREAMS.add(turn.task)
+    turn.task.add_done_callback(STREAMS.discard)
+    start = {"type": "start", "session_id": session.id, "turn_id": turn.id, "resume_token": session.resume_token}
+    return asyncio.create_task(deliver(ws, session, turn, 0, start))
+
+
+async def resume(ws: WebSocket, session: Session, turn_id: str | None, after: int) -> asyncio.Task[None] | None:
+    """Attach the session to `ws` (taking it from any connection that still held it) and say what it holds; return
+    the task that sends its pending turn, from the token after `after` if the client names that turn."""
+    attach(session, ws)
+    turn = session.pending
+    history = [{"role": ROLES[m.type], "text": m.text} for m in session.history]
+    pending = turn and {"turn_id": turn.id, "question": turn.question}
+    await send(ws, {"type": "resumed", "session_id": session.id, "history": history, "pending": pending})
+    if turn is None or session.owner is not ws:
+        return None
+    return asyncio.create_task(deliver(ws, session, turn, after if turn_id == turn.id else 0, None))
+
+
 async def chat(ws: WebSocket) -> None:
     if not handshake_allowed(ws):
         await ws.close(code=1008)  # before accept(): uvicorn answers the handshake with HTTP 403
@@ -487,9 +635,8 @@ async def chat(ws: WebSocket) -> None:
         await ws.send_denial_response(PlainTextResponse(f"Refused: {reason}; try again shortly.", 503))
         return
     CONNECTIONS[ws] = None
-    owned: set[str] = set()  # session ids this connection created
-    task: asyncio.Task[None] | None = None
-    streaming = ""  # the session id of `task`
+    held: list[Session] = []  # the sessions this connection attached (another may have taken one over since)
+    sending, live = None, None  # the task that sends this connection's turn (`deliver`), and that turn
     try:
         await ws.accept()
         while (message := await ws.receive())["type"] != "websocket.disconnect":
@@ -498,36 +645,52 @@ async def chat(ws: WebSocket) -> None:
             except BadRequest as bad:
                 await send(ws, bad.frame)
                 continue
-            kind, session_id = request.get("type"), request.get("session_id")
+            held = [s for s in held if s.owner is ws and SESSIONS.get(s.id) is s]
+            kind, session_id = request["type"], request.get("session_id")
             session = SESSIONS.get(session_id)
-            if kind is None and DRAINING.is_set():
+            streaming = sending is not None and not sending.done()
+            if kind == "cancel" or kind == "end_session":
+                if kind == "end_session" and session is not None and session.owner is not ws:
+                    await send(ws, error_frame("session_in_use", IN_USE, session_id))
+                    continue
+                if streaming and live.task in STREAMS and (kind == "cancel" or live is session.pending):
+                    live.task.cancel("cancel")  # the answer ends with its end frame, holding what was sent
+                    del live.tokens[live.sent :]
+                if kind == "end_session" and session is not None:
+                    drop(session)
+            elif DRAINING.is_set():
                 await send(ws, error_frame("unavailable", RESTARTING, session_id))  # before busy: reconnect elsewhere
+            elif kind == "resume":
+                token = request["resume_token"].encode(errors="surrogatepass")
+                if session is None or not hmac.compare_digest(token, session.resume_token.encode()):
+                    await send(ws, error_frame("not_found", NOT_FOUND, session_id))  # one answer: no oracle
+                elif streaming:
+                    await send(ws, error_frame("busy", session_id=session_id))
+                elif session.owner is not ws and len(held) >= MAX_SESSIONS_PER_CONNECTION:
+                    await send(ws, error_frame("too_large", TOO_MANY_SESSIONS, session_id))
+                else:
+                    held = [*held, session] if session not in held else held
+                    sending = CONNECTIONS[ws] = await resume(ws, session, request["turn_id"], request["after"])
+                    live = session.pending
             elif session is not None and session.owner is not ws:
-                await send(ws, error_frame("session_in_use", "This session is open on another connection.", session_id))
-            elif kind == "cancel" or kind == "end_session":
-                if task in STREAMS and (kind == "cancel" or session_id == streaming):
-                    task.cancel("cancel")  # the answer still ends with its end frame
-                if kind == "end_session":
-                    SESSIONS.pop(session_id, None)
-                    owned.discard(session_id)
-            elif session is None and len(owned) >= MAX_SESSIONS_PER_CONNECTION:
-                message = f"This connection already has {MAX_SESSIONS_PER_CONNECTION} sessions; end one or reconnect."
-                await send(ws, error_frame("too_large", message, session_id))
-            elif (task and not task.done()) or len(STREAMS) >= MAX_CONCURRENT_STREAMS:
+                await send(ws, error_frame("session_in_use", IN_USE, session_id))
+            elif session is None and len(held) >= MAX_SESSIONS_PER_CONNECTION:
+                await send(ws, error_frame("too_large", TOO_MANY_SESSIONS, session_id))
+            elif streaming or len(STREAMS) >= MAX_CONCURRENT_STREAMS:
                 await send(ws, error_frame("busy", session_id=session_id))
+            elif session is None and (session := new_session(session_id, ws)) is None:
+                await send(ws, error_frame("busy", f"{MAX_SESSIONS=} are all in use; try again later.", session_id))
             else:
-                session = SESSIONS.setdefault(session_id, Session(ws))
-                owned.add(session_id)
-                task, streaming = asyncio.create_task(answer(ws, session_id, session, request["question"])), session_id
-                CONNECTIONS[ws] = task
-                STREAMS.add(task)
-                task.add_done_callback(STREAMS.discard)
+                held = [*held, session] if session not in held else held
+                sending = CONNECTIONS[ws] = start_turn(ws, session, request["question"])
+                live = session.pending
     finally:
-        if task:
-            task.cancel()  # closes the Bedrock stream at once (see BedrockChat._astream); no-op if done
-            await asyncio.gather(task, return_exceptions=True)  # also collects a send that failed as the client left
-        for session_id in owned:
-            SESSIONS.pop(session_id, None)
+        if sending:
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+        for session in held:
+            if session.owner is ws and SESSIONS.get(session.id) is session:
+                detach(session)  # its answer, if any, streams on for a resume (see RESUME_GRACE)
         CONNECTIONS.pop(ws, None)
 
 
@@ -535,7 +698,8 @@ async def chat(ws: WebSocket) -> None:
 
 
 async def healthz(request: Request) -> JSONResponse:
-    counts = {"connections": len(CONNECTIONS), "sessions": len(SESSIONS), "streams": len(STREAMS)}
+    counts = {"connections": len(CONNECTIONS), "sessions": len(SESSIONS), "detached": len(DETACHED)}
+    counts["streams"] = len(STREAMS)
     if DRAINING.is_set():  # a load balancer stops sending new clients here
         return JSONResponse({"status": "draining", **counts}, status_code=503)
     return JSONResponse({"status": "ok", **counts})
@@ -608,8 +772,8 @@ const $ = (id) => document.getElementById(id);
 const token = new URLSearchParams(location.search).get("token");
 const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws/chat/completions`
   + (token ? `?token=${encodeURIComponent(token)}` : "");
-const newId = () => Date.now().toString(36) + Math.random().toString(36).slice(2);
-let ws, sessionId = newId(), answer = null, streaming = false, retries = 0;
+const saved = sessionStorage;  // this tab's conversation: it survives a refresh, and no other tab sees it
+let ws, answer = null, turnId = null, seq = 0, streaming = false, retries = 0;
 
 function show(kind, text) {  // text only: message content never becomes HTML
   const el = document.createElement("div");
@@ -621,23 +785,51 @@ function show(kind, text) {  // text only: message content never becomes HTML
 }
 function setStreaming(on) { streaming = on; $("send").textContent = on ? "Stop" : "Send"; $("new").disabled = on; }
 function setState(text, cls = "") { $("state").textContent = text; $("state").className = cls; }
+function forget() { saved.removeItem("session_id"); saved.removeItem("resume_token"); answer = turnId = null; }
+
+function resumed(frame) {  // redraw the conversation as the server holds it; carry on its pending turn
+  const keep = frame.pending && frame.pending.turn_id === turnId ? answer : null;  // tokens up to `seq` are shown
+  $("log").replaceChildren();
+  for (const turn of frame.history) show(turn.role === "user" ? "user" : "bot", turn.text);
+  answer = null;
+  if (frame.pending) {
+    show("user", frame.pending.question);
+    answer = keep ? $("log").appendChild(keep) : show("bot", "");
+    if (!keep) [turnId, seq] = [frame.pending.turn_id, 0];
+  }
+  setStreaming(!!frame.pending);
+}
 
 function connect() {
   setState("connecting…");
   ws = new WebSocket(url);
-  ws.onopen = () => { retries = 0; setState("connected", "connected"); };
+  ws.onopen = () => {
+    retries = 0; setState("connected", "connected");
+    const [session_id, resume_token] = [saved.getItem("session_id"), saved.getItem("resume_token")];
+    if (session_id && resume_token)  // after a drop or a refresh: pick up where this tab left off
+      ws.send(JSON.stringify({ type: "resume", session_id, resume_token, turn_id: turnId, after: seq }));
+    else if (streaming) { setStreaming(false); show("note", "The connection dropped before the answer began."); }
+  };
   ws.onclose = () => {
-    if (streaming || $("log").children.length) show("note", "Connection lost; the server forgot this conversation.");
-    setStreaming(false); sessionId = newId();
     const wait = Math.min(500 * 2 ** retries++, 8000);
     setState(`disconnected, retrying in ${wait / 1000}s`);
     setTimeout(connect, wait);
   };
   ws.onmessage = (event) => {
     const frame = JSON.parse(event.data);
-    if (frame.type === "start") answer = show("bot", "");
-    else if (frame.type === "token") { answer.append(frame.text); answer.scrollIntoView({ block: "end" }); }
-    else {  // end or error
+    if (frame.type === "start") {
+      saved.setItem("session_id", frame.session_id); saved.setItem("resume_token", frame.resume_token);
+      [turnId, seq] = [frame.turn_id, 0];
+      answer = show("bot", "");
+    } else if (frame.type === "token") {
+      if (frame.seq !== seq + 1 || !answer) return;  // never shown twice
+      answer.append(frame.text); seq = frame.seq;
+      answer.scrollIntoView({ block: "end" });
+    } else if (frame.type === "resumed") resumed(frame);
+    else if (frame.type === "error" && frame.code === "not_found") {
+      forget(); setStreaming(false);
+      show("note", "The server no longer has this conversation; a new one starts with your next question.");
+    } else {  // end or error
       if (answer && !answer.textContent) answer.remove();
       if (frame.type === "error") show("error", `${frame.message} (${frame.code})`);
       else if (frame.stop_reason === "cancelled") show("note", "Stopped.");
@@ -649,11 +841,12 @@ function connect() {
 
 $("ask").onsubmit = (event) => {
   event.preventDefault();
+  if (ws.readyState !== WebSocket.OPEN) return;
   if (streaming) return ws.send(JSON.stringify({ type: "cancel" }));
   const question = $("question").value;
-  if (!question.trim() || ws.readyState !== WebSocket.OPEN) return;
+  if (!question.trim()) return;
   show("user", question);
-  ws.send(JSON.stringify({ question, session_id: sessionId }));
+  ws.send(JSON.stringify({ question, session_id: saved.getItem("session_id") }));  // none yet: the server mints one
   $("question").value = "";
   setStreaming(true);
 };
@@ -663,8 +856,9 @@ $("question").onkeydown = (event) => {
   if (!streaming) $("ask").requestSubmit();  // Enter never stops an answer; the Stop button does
 };
 $("new").onclick = () => {  // the server forgets the old conversation at once
-  if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "end_session", session_id: sessionId }));
-  sessionId = newId(); $("log").replaceChildren(); $("question").focus();
+  const session_id = saved.getItem("session_id");
+  if (session_id && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "end_session", session_id }));
+  forget(); $("log").replaceChildren(); $("question").focus();
 };
 connect();
 </script>
@@ -795,17 +989,22 @@ async def drain() -> None:
     """SIGTERM's first step, while the listeners still answer: idle connections are closed with 1012 at once,
     answers in flight run to their end (then 1012), and whatever still streams after DRAIN_TIMEOUT is cut."""
     DRAINING.set()
+    for session in list(DETACHED.values()):
+        drop(session)  # no one can resume it now: its answer stops
     in_flight = sum(task is not None and not task.done() for task in CONNECTIONS.values())
     log.info("draining: %d answers in flight, for up to DRAIN_TIMEOUT=%gs", in_flight, DRAIN_TIMEOUT)
 
-    async def finish(ws: WebSocket, task: asyncio.Task[None] | None) -> None:
-        if task is not None:
-            await asyncio.wait([task], timeout=DRAIN_TIMEOUT)  # every finish() starts now: one deadline for all
-            task.cancel()  # a no-op when it ended; else its Bedrock stream is closed now
-            await asyncio.gather(task, return_exceptions=True)
+    async def finish(ws: WebSocket, sending: asyncio.Task[None] | None) -> None:
+        if sending is not None:
+            done, _ = await asyncio.wait([sending], timeout=DRAIN_TIMEOUT)  # all start now: one deadline for all
+            if not done:
+                for task in STREAMS:
+                    task.cancel()  # the deadline: every Bedrock stream still open is closed
+                sending.cancel()
         await ws.close(1012)  # service restart: reconnect
 
     await asyncio.gather(*(finish(ws, task) for ws, task in list(CONNECTIONS.items())), return_exceptions=True)
+    await asyncio.gather(*STREAMS, return_exceptions=True)
 
 
 class Server(uvicorn.Server):

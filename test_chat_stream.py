@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 from urllib.parse import quote
 
 import httpx
@@ -84,6 +85,8 @@ def run_server(
     **settings: Any,
 ) -> Iterator[Server]:
     port = port or free_port()
+    settings = {"SESSION_TTL": 0, "RESUME_GRACE": 0, **settings}  # sessions die with their connection, unless a
+    # test of resuming asks otherwise: every test of the connection-bound rules runs as before resuming existed
     log_path = tmp_path / f"server-{port}.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
@@ -142,20 +145,30 @@ def ask(ws: ClientConnection, question: str, session_id: str = "s1") -> list[dic
 
 
 def read_answer(ws: ClientConnection) -> list[dict[str, Any]]:
+    """Every frame up to and including an end or error; those of one turn carry its turn_id, and seq 1, 2, 3, ..."""
     frames = []
     while not frames or frames[-1]["type"] not in ("end", "error"):
         frames.append(json.loads(ws.recv(timeout=10)))
+    if frames[0]["type"] == "start":
+        assert {f.get("turn_id") for f in frames if f["type"] != "token"} == {frames[0]["turn_id"]}, frames
+    seqs = [f["seq"] for f in frames if f["type"] == "token"]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) if seqs else True, seqs
     return frames
+
+
+def start(session_id: str) -> dict[str, Any]:
+    """A start frame: its turn_id and resume_token are random (test_turn_ids_and_resume_tokens checks them)."""
+    return {"type": "start", "session_id": session_id, "turn_id": ANY, "resume_token": ANY}
+
+
+def tokens_of(tokens: list[str], first_seq: int = 1) -> list[dict[str, Any]]:
+    return [{"type": "token", "text": t, "seq": seq} for seq, t in enumerate(tokens, first_seq)]
 
 
 def answer_frames(session_id: str, tokens: list[str], input_tokens: int, stop_reason: str = "end_turn") -> list[dict]:
     usage = {"input_tokens": input_tokens, "output_tokens": len(tokens)}
-    end = {"type": "end", "session_id": session_id, "full_text": "".join(tokens), "stop_reason": stop_reason}
-    return [
-        {"type": "start", "session_id": session_id},
-        *({"type": "token", "text": t} for t in tokens),
-        {**end, "usage": usage},
-    ]
+    end = {"type": "end", "session_id": session_id, "turn_id": ANY, "full_text": "".join(tokens)}
+    return [start(session_id), *tokens_of(tokens), {**end, "stop_reason": stop_reason, "usage": usage}]
 
 
 def text(*turns: str) -> list[dict[str, Any]]:
@@ -252,19 +265,34 @@ def test_healthz_counts(server: Server, bedrock: FakeBedrock) -> None:
     with connect(server.ws_url) as ws:
         ws.send(json.dumps({"question": "count me", "session_id": "h"}))
         assert json.loads(ws.recv(timeout=5))["type"] == "start"
-        assert server.health() == {"status": "ok", "connections": 1, "sessions": 1, "streams": 1}
+        assert server.health() == {"status": "ok", "connections": 1, "sessions": 1, "detached": 0, "streams": 1}
         read_answer(ws)
-    wait_for(lambda: server.health() == {"status": "ok", "connections": 0, "sessions": 0, "streams": 0}, 5, "idle")
+    wait_for(
+        lambda: server.health() == {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0},
+        5,
+        "idle",
+    )
 
 
 # --- bad input: a clear error frame, and the connection keeps working
 
+RESUME_TYPES = "resume_token must be a string, and turn_id a string if given."
 BAD_FRAMES = {
     "not json": ("{question", "The frame is not valid JSON."),
     "deeply nested": ("[" * 10_000, "The frame is not valid JSON."),
     "not an object": ('["hi"]', "The frame must be a JSON object."),
-    "unknown type": ('{"type": "hello"}', 'Unknown frame type; send a question, "cancel" or "end_session".'),
-    "no session": ('{"question": "hi"}', "session_id must be a non-empty string of at most 128 characters."),
+    "unknown type": ('{"type": "hello"}', 'Unknown frame type; send a question, "cancel", "end_session" or "resume".'),
+    "end_session with no session": (
+        '{"type": "end_session"}',
+        "session_id must be a non-empty string of at most 128 characters.",
+    ),
+    "resume with no session": (
+        '{"type": "resume", "resume_token": "k"}',
+        "session_id must be a non-empty string of at most 128 characters.",
+    ),
+    "resume with no token": ('{"type": "resume", "session_id": "s"}', RESUME_TYPES),
+    "resume token not str": ('{"type": "resume", "session_id": "s", "resume_token": 5}', RESUME_TYPES),
+    "resume turn not str": ('{"type": "resume", "session_id": "s", "resume_token": "k", "turn_id": 1}', RESUME_TYPES),
     "empty session": (
         '{"question": "hi", "session_id": ""}',
         "session_id must be a non-empty string of at most 128 characters.",
@@ -378,8 +406,8 @@ def test_bedrock_errors_map_to_codes(
     ask(ws, "before", session)
     bedrock.replies[question] = reply
     frames = ask(ws, question, session)
-    error = {"type": "error", "session_id": session, "code": code, "message": MESSAGES[code]}
-    assert frames == [{"type": "start", "session_id": session}, *({"type": "token", "text": t} for t in tokens), error]
+    error = {"type": "error", "session_id": session, "turn_id": ANY, "code": code, "message": MESSAGES[code]}
+    assert frames == [start(session), *tokens_of(tokens), error]
     ask(ws, "after", session)
     assert bedrock.calls_for("after")[-1].body["messages"] == text("before", echo("before"), "after")
 
@@ -412,6 +440,7 @@ def test_silence_before_the_response_is_one_timeout(ws: ClientConnection, bedroc
     assert ask(ws, "anyone home")[-1] == {
         "type": "error",
         "session_id": "s1",
+        "turn_id": ANY,
         "code": "timeout",
         "message": MESSAGES["timeout"],
     }
@@ -452,6 +481,7 @@ def test_unreachable_bedrock(tmp_path: Path) -> None:
             assert ask(ws, "anyone there")[-1] == {
                 "type": "error",
                 "session_id": "s1",
+                "turn_id": ANY,
                 "code": "unavailable",
                 "message": MESSAGES["unavailable"],
             }
@@ -463,8 +493,14 @@ def test_no_credentials(tmp_path: Path, bedrock: FakeBedrock) -> None:
     with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **no_credentials) as server:
         with connect(server.ws_url) as ws:
             assert ask(ws, "who am I") == [
-                {"type": "start", "session_id": "s1"},
-                {"type": "error", "session_id": "s1", "code": "access_denied", "message": MESSAGES["access_denied"]},
+                start("s1"),
+                {
+                    "type": "error",
+                    "session_id": "s1",
+                    "turn_id": ANY,
+                    "code": "access_denied",
+                    "message": MESSAGES["access_denied"],
+                },
             ]
     assert not bedrock.calls_for("who am I")
 
@@ -493,8 +529,8 @@ def test_unverified_model_streams(tmp_path: Path, bedrock: FakeBedrock) -> None:
     with run_server(tmp_path, BEDROCK_MODEL_ID=UNVERIFIED, BEDROCK_ENDPOINT_URL=bedrock.url) as server:
         with connect(server.ws_url) as ws:
             ws.send(json.dumps({"question": "stream please", "session_id": "s"}))
-            assert json.loads(ws.recv(timeout=5)) == {"type": "start", "session_id": "s"}
-            assert json.loads(ws.recv(timeout=5)) == {"type": "token", "text": "one"}
+            assert json.loads(ws.recv(timeout=5)) == start("s")
+            assert json.loads(ws.recv(timeout=5)) == {"type": "token", "text": "one", "seq": 1}
             assert not bedrock.calls_for("stream please")[0].finished  # the first token came before the last
             assert read_answer(ws)[-1]["full_text"] == "one two three"
     assert bedrock.calls_for("stream please")[0].path == f"/model/{quote(UNVERIFIED, safe='')}/converse-stream"
@@ -592,6 +628,7 @@ def test_offline_model_end_turn(tmp_path: Path) -> None:
     assert frames[-1] == {
         "type": "end",
         "session_id": "s1",
+        "turn_id": ANY,
         "full_text": "This is the offline demo model, so I can only echo. You asked: hi",
         "stop_reason": "end_turn",
         "usage": {"input_tokens": 1, "output_tokens": 14},
@@ -682,6 +719,7 @@ def test_cancel(ws: ClientConnection, bedrock: FakeBedrock) -> None:
     assert frames[-1] == {
         "type": "end",
         "session_id": "story",
+        "turn_id": ANY,
         "full_text": sent,
         "stop_reason": "cancelled",
         "usage": {"input_tokens": 0, "output_tokens": len(frames) - 2},  # Bedrock's usage never came: the deltas sent
@@ -699,11 +737,11 @@ def test_cancel(ws: ClientConnection, bedrock: FakeBedrock) -> None:
 def test_cancel_before_first_token(ws: ClientConnection, bedrock: FakeBedrock) -> None:
     bedrock.replies["think first"] = Reply(tokens=["late"], first_delay=5)
     ws.send(json.dumps({"question": "think first", "session_id": "early-cancel"}))
-    assert json.loads(ws.recv(timeout=5)) == {"type": "start", "session_id": "early-cancel"}
+    assert json.loads(ws.recv(timeout=5)) == start("early-cancel")
     wait_for(lambda: bedrock.calls_for("think first"), 2, "the Bedrock request")
     ws.send(json.dumps({"type": "cancel"}))
     assert read_answer(ws) == [
-        {"type": "end", "session_id": "early-cancel", "full_text": "", "stop_reason": "cancelled",
+        {"type": "end", "session_id": "early-cancel", "turn_id": ANY, "full_text": "", "stop_reason": "cancelled",
          "usage": {"input_tokens": 0, "output_tokens": 0}},
     ]  # fmt: skip
     ask(ws, "start over", "early-cancel")
@@ -764,6 +802,7 @@ def test_cancel_after_the_stream_ended(server: Server, bedrock: FakeBedrock) -> 
     assert frames[-1] == {
         "type": "end",
         "session_id": "big-end",
+        "turn_id": ANY,
         "full_text": "".join(tokens),
         "stop_reason": "end_turn",
         "usage": {"input_tokens": 10, "output_tokens": 2},
@@ -793,7 +832,7 @@ def test_disconnect_before_first_token(server: Server, bedrock: FakeBedrock) -> 
     bedrock.replies["slow to start"] = Reply(tokens=["late"], first_delay=1.0)
     with connect(server.ws_url) as ws:
         ws.send(json.dumps({"question": "slow to start", "session_id": "early"}))
-        assert json.loads(ws.recv(timeout=5)) == {"type": "start", "session_id": "early"}
+        assert json.loads(ws.recv(timeout=5)) == start("early")
         wait_for(lambda: bedrock.calls_for("slow to start"), 2, "the Bedrock request")
     left_at = time.monotonic()
     (call,) = bedrock.calls_for("slow to start")
@@ -805,13 +844,13 @@ def test_disconnect_before_first_token(server: Server, bedrock: FakeBedrock) -> 
 def test_busy_connection(ws: ClientConnection, bedrock: FakeBedrock) -> None:
     bedrock.replies["first in line"] = Reply(tokens=[f" t{i}" for i in range(20)], delay=0.02)
     ws.send(json.dumps({"question": "first in line", "session_id": "one"}))
-    assert json.loads(ws.recv(timeout=5)) == {"type": "start", "session_id": "one"}
+    assert json.loads(ws.recv(timeout=5)) == start("one")
     ws.send(json.dumps({"question": "me too", "session_id": "two"}))
     frames = read_answer(ws) + read_answer(ws)  # the busy error, and the first answer's end, in either order
     busy = {"type": "error", "session_id": "two", "code": "busy", "message": MESSAGES_BUSY}
     assert busy in frames
     frames.remove(busy)
-    assert [{"type": "start", "session_id": "one"}, *frames] == answer_frames("one", [f" t{i}" for i in range(20)], 10)
+    assert [start("one"), *frames] == answer_frames("one", [f" t{i}" for i in range(20)], 10)
     assert not bedrock.calls_for("me too")
 
 
@@ -842,7 +881,7 @@ def in_use(session_id: str) -> dict[str, str]:
     return {"type": "error", "session_id": session_id, "code": "session_in_use", "message": IN_USE}
 
 
-IN_USE = "This session is open on another connection."
+IN_USE = "This session is open on another connection; resume it with its resume_token first."
 
 
 # A session live on another connection cannot be read or extended from here.
@@ -893,7 +932,11 @@ def test_memory_stays_flat(server: Server) -> None:
     asyncio.run(cycles(500))  # warm up: pools, caches, allocator arenas
     before = server.memory_kib()
     asyncio.run(cycles(2000))
-    wait_for(lambda: server.health() == {"status": "ok", "connections": 0, "sessions": 0, "streams": 0}, 5, "idle")
+    wait_for(
+        lambda: server.health() == {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0},
+        5,
+        "idle",
+    )
     assert server.memory_kib() - before < 8 * 1024, f"RSS grew from {before} KiB to {server.memory_kib()} KiB"
 
 
@@ -1124,7 +1167,7 @@ def test_client_that_stops_reading(bedrock: FakeBedrock, tmp_path: Path) -> None
         stalled_at = time.monotonic()
         wait_for(lambda: server.health()["connections"] == 0, 10, "the stalled clients to be closed")
         assert 2 <= time.monotonic() - stalled_at < 8
-        assert server.health() == {"status": "ok", "connections": 0, "sessions": 0, "streams": 0}
+        assert server.health() == {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0}
         closed_at = time.monotonic()
         for i in range(2):  # our own send failed, and the upstream was closed with it, at once
             (call,) = bedrock.calls_for(f"never read {i}")
@@ -1320,7 +1363,7 @@ def test_one_log_line_per_answer(ws: ClientConnection, server: Server) -> None:
     wait_for(lambda: "session='logged'" in server.log(), 5, "the answer's log line")
     (line,) = [line for line in server.log().splitlines() if "session='logged'" in line]
     assert re.search(
-        r"INFO: +answer session='logged' model=amazon.nova-micro-v1:0 ttft_ms=\d+ duration_ms=\d+ "
+        r"INFO: +answer session='logged' turn=[\w-]{16} model=amazon.nova-micro-v1:0 ttft_ms=\d+ duration_ms=\d+ "
         r"tokens_in=10 tokens_out=4 outcome=end$",
         line,
     ), line
