@@ -332,6 +332,16 @@ BAD_QUESTIONS = {
         "question is not valid Unicode text.",
     ),
     "too long": ({"session_id": "q", "question": "x" * 1001}, "too_large", "question is longer than 1000 characters."),
+    "resume after negative": (
+        {"type": "resume", "session_id": "q", "resume_token": "k", "after": -1},
+        "invalid_request",
+        "after must be a whole number of tokens, 0 or more.",
+    ),
+    "resume after not int": (
+        {"type": "resume", "session_id": "q", "resume_token": "k", "after": True},
+        "invalid_request",
+        "after must be a whole number of tokens, 0 or more.",
+    ),
 }
 
 
@@ -917,27 +927,249 @@ def test_sessions_per_connection_are_capped(server: Server, bedrock: FakeBedrock
     assert bedrock.calls_for("fresh start")[0].body["messages"] == text("fresh start")
 
 
+async def cycles(url: str, n: int, frames: int | None = None) -> None:
+    """`n` clients, 50 at a time, each asking one question in a new session, then leaving after `frames` frames
+    (None: after the end)."""
+
+    async def one(i: int) -> None:
+        async with websockets.connect(url) as ws:
+            await ws.send(json.dumps({"question": f"cycle {i}"}))
+            for _ in range(frames or 10**6):
+                if json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] in ("end", "error"):
+                    break
+
+    for start_at in range(0, n, 50):
+        await asyncio.gather(*(one(i) for i in range(start_at, start_at + 50)))
+
+
 # Thousands of connect/ask/close cycles leave no connections, sessions or streams, and memory stays flat.
 def test_memory_stays_flat(server: Server) -> None:
-    async def cycles(n: int) -> None:
-        async def one(i: int) -> None:
-            async with websockets.connect(server.ws_url) as ws:
-                await ws.send(json.dumps({"question": f"cycle {i}", "session_id": f"cycle-{i}"}))
-                while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] not in ("end", "error"):
-                    pass
-
-        for start in range(0, n, 50):
-            await asyncio.gather(*(one(i) for i in range(start, start + 50)))
-
-    asyncio.run(cycles(500))  # warm up: pools, caches, allocator arenas
+    asyncio.run(cycles(server.ws_url, 500))  # warm up: pools, caches, allocator arenas
     before = server.memory_kib()
-    asyncio.run(cycles(2000))
-    wait_for(
-        lambda: server.health() == {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0},
-        5,
-        "idle",
-    )
+    asyncio.run(cycles(server.ws_url, 2000))
+    idle = {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0}
+    wait_for(lambda: server.health() == idle, 5, "idle")
     assert server.memory_kib() - before < 8 * 1024, f"RSS grew from {before} KiB to {server.memory_kib()} KiB"
+
+
+# --- resuming: a session outlives its connection (SESSION_TTL) and its answer streams on for a resume (RESUME_GRACE)
+
+
+@pytest.fixture(scope="module")
+def resumable(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10}
+    with run_server(tmp_path_factory.mktemp("resumable"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def short_lived(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    settings = {**DEFAULTS, "SESSION_TTL": 3, "RESUME_GRACE": 1, "MAX_HISTORY_MESSAGES": 10}
+    with run_server(tmp_path_factory.mktemp("short"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
+        yield s
+
+
+def begin(server: Server, bedrock: FakeBedrock, question: str, tokens: int, seen: int, **reply: Any) -> list[dict]:
+    """Ask `question` (answered by `tokens` tokens) in a new session, read its start and `seen` tokens, and drop the
+    connection; return the frames read."""
+    bedrock.replies[question] = Reply(tokens=[f" {question[:4]}{i}" for i in range(tokens)], **reply)
+    with connect(server.ws_url) as ws:
+        ws.send(json.dumps({"question": question}))
+        return [json.loads(ws.recv(timeout=5)) for _ in range(1 + seen)]
+
+
+def resume(ws: ClientConnection, start: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """Send a resume frame for the session `start` opened (with `fields`, e.g. turn_id and after); return the reply."""
+    frame = {"type": "resume", "session_id": start["session_id"], "resume_token": start["resume_token"], **fields}
+    ws.send(json.dumps(frame))
+    return json.loads(ws.recv(timeout=5))
+
+
+def resumed(start: dict[str, Any], question: str | None, history: list[str] = ()) -> dict[str, Any]:
+    """The resumed frame: `history` alternates user and assistant text; `question` is the pending turn's, if any."""
+    turns = [{"role": ("user", "assistant")[i % 2], "text": t} for i, t in enumerate(history)]
+    pending = question and {"turn_id": start["turn_id"], "question": question}
+    return {"type": "resumed", "session_id": start["session_id"], "history": turns, "pending": pending}
+
+
+def whole_answer(start: dict, tokens: list[str], first_seq: int, stop_reason: str = "end_turn", input_tokens: int = 10):
+    """Tokens from `first_seq` on, then the end frame of the whole answer."""
+    usage = {"input_tokens": input_tokens, "output_tokens": len(tokens)}
+    end = {"type": "end", "session_id": start["session_id"], "turn_id": start["turn_id"], "full_text": "".join(tokens)}
+    return [*tokens_of(tokens[first_seq - 1 :], first_seq), {**end, "stop_reason": stop_reason, "usage": usage}]
+
+
+NOT_FOUND = "No such session: it may have expired, or the resume_token is wrong. Start a new session."
+
+
+# A question with no session_id (or null) starts a session with a minted id; each answer has its own turn_id; the
+# session's resume_token (256 random bits) stays the same for the session's life and never reaches the log.
+def test_turn_ids_and_resume_tokens(resumable: Server) -> None:
+    with connect(resumable.ws_url) as ws:
+        ws.send(json.dumps({"question": "mint me one"}))
+        first = read_answer(ws)
+        ws.send(json.dumps({"question": "and one more", "session_id": None}))
+        other = read_answer(ws)
+        again = ask(ws, "same session", first[0]["session_id"])
+    ids = [first[0]["session_id"], other[0]["session_id"]]
+    assert ids[0] != ids[1] and all(re.fullmatch(r"[\w-]{22}", i) for i in ids), ids
+    assert again[0]["resume_token"] == first[0]["resume_token"] != other[0]["resume_token"]
+    assert re.fullmatch(r"[\w-]{43}", first[0]["resume_token"])  # token_urlsafe(32): 256 bits
+    assert len({first[0]["turn_id"], other[0]["turn_id"], again[0]["turn_id"]}) == 3
+    assert [f["seq"] for f in first if f["type"] == "token"] == [1, 2, 3, 4]
+    assert first[0]["resume_token"] not in resumable.log() and first[0]["session_id"] in resumable.log()
+
+
+# Resume mid-answer by turn and seq: every token exactly once, full_text exact, from ONE upstream request.
+def test_resume_mid_answer(resumable: Server, bedrock: FakeBedrock) -> None:
+    seen = begin(resumable, bedrock, "resume mid answer", 60, 10, delay=0.02)
+    start, tokens = seen[0], [f" resu{i}" for i in range(60)]
+    assert seen[1:] == tokens_of(tokens[:10])
+    with connect(resumable.ws_url) as ws:
+        assert resume(ws, start, turn_id=start["turn_id"], after=10) == resumed(start, "resume mid answer")
+        assert read_answer(ws) == whole_answer(start, tokens, 11)
+    (call,) = bedrock.calls_for("resume mid answer")
+    assert call.finished
+
+
+# An answer that finished while no connection was attached is delivered whole on resume, then joins the history:
+# the next question's upstream request holds it.
+def test_resume_after_the_answer_finished(resumable: Server, bedrock: FakeBedrock) -> None:
+    start = begin(resumable, bedrock, "finish alone", 20, 2, delay=0.01)[0]
+    tokens = [f" fini{i}" for i in range(20)]
+    wait_for(lambda: bedrock.calls_for("finish alone")[0].finished, 5, "Bedrock to finish")
+    wait_for(lambda: resumable.health()["streams"] == 0, 5, "the answer to end")
+    with connect(resumable.ws_url) as ws:
+        assert resume(ws, start, turn_id=start["turn_id"], after=2) == resumed(start, "finish alone")
+        assert read_answer(ws) == whole_answer(start, tokens, 3)
+        assert resume(ws, start) == resumed(start, None, ["finish alone", "".join(tokens)])  # delivered: history
+        ask(ws, "what came before", start["session_id"])
+    assert bedrock.calls_for("what came before")[0].body["messages"] == text(
+        "finish alone", "".join(tokens), "what came before"
+    )
+    assert len(bedrock.calls_for("finish alone")) == 1
+
+
+# A refresh: the client knows only its session and token. It gets the history, the pending question, and the
+# pending answer from seq 1; a turn_id that is not the pending one counts for nothing either.
+@pytest.mark.parametrize("fields", [{}, {"turn_id": "not-this-one", "after": 5}], ids=["no turn", "other turn"])
+def test_resume_after_a_refresh(resumable: Server, bedrock: FakeBedrock, fields: dict) -> None:
+    first, second = f"refresh {len(fields)} first", f"refresh {len(fields)} second"
+    tokens = [f" refr{i}" for i in range(30)]
+    bedrock.replies[second] = Reply(tokens=tokens, delay=0.02)
+    with connect(resumable.ws_url) as ws:
+        ws.send(json.dumps({"question": first}))
+        session_id = read_answer(ws)[0]["session_id"]
+        ws.send(json.dumps({"question": second, "session_id": session_id}))
+        start = json.loads(ws.recv(timeout=5))
+        assert [json.loads(ws.recv(timeout=5)) for _ in range(5)] == tokens_of(tokens[:5])
+    with connect(resumable.ws_url) as ws:
+        assert resume(ws, start, **fields) == resumed(start, second, [first, echo(first)])
+        assert read_answer(ws) == whole_answer(start, tokens, 1, input_tokens=30)
+    assert len(bedrock.calls_for(second)) == 1
+
+
+# A wrong token, an unknown session and an expired one all get the same not_found. A detached session can be
+# resumed (again and again), and is gone SESSION_TTL (3 s here) after its connection left.
+def test_not_found_and_expiry(short_lived: Server, bedrock: FakeBedrock) -> None:
+    with connect(short_lived.ws_url) as ws:
+        ws.send(json.dumps({"question": "expire me"}))
+        start = read_answer(ws)[0]
+    sid = start["session_id"]
+    with connect(short_lived.ws_url) as ws:
+        assert resume(ws, start) == resumed(start, None, ["expire me", echo("expire me")])
+    left_at = time.monotonic()
+    assert short_lived.health()["detached"] == 1
+    not_found = {"type": "error", "session_id": sid, "code": "not_found", "message": NOT_FOUND}
+    with connect(short_lived.ws_url) as ws:
+        assert resume(ws, {**start, "resume_token": "x" * 43}) == not_found
+        assert resume(ws, {**start, "resume_token": "\ud800"}) == not_found
+        assert resume(ws, {**start, "session_id": "no-such-session"}) == {**not_found, "session_id": "no-such-session"}
+    wait_for(lambda: short_lived.health()["detached"] == 0, 10, "the session to expire")
+    assert 3 <= time.monotonic() - left_at < 5
+    with connect(short_lived.ws_url) as ws:
+        assert resume(ws, start) == not_found
+
+
+# RESUME_GRACE (1 s here): an answer nobody resumes is stopped upstream, and ends as a cancel does; the next resume
+# delivers what was read and an end with stop_reason "cancelled", and the partial answer joins the history.
+def test_grace_expiry_closes_the_upstream(short_lived: Server, bedrock: FakeBedrock) -> None:
+    seen = begin(short_lived, bedrock, "grace period", 400, 3, delay=0.02)
+    left_at, start = time.monotonic(), seen[0]
+    (call,) = bedrock.calls_for("grace period")
+    wait_for(lambda: call.client_closed_at, 3, "the Bedrock stream to close")
+    assert 0.9 < call.client_closed_at - left_at < 2 and not call.finished
+    with connect(short_lived.ws_url) as ws:
+        assert resume(ws, start, turn_id=start["turn_id"], after=3) == resumed(start, "grace period")
+        frames = read_answer(ws)
+        tokens = [f" grac{i}" for i in range(len(frames) - 1 + 3)]
+        assert frames == whole_answer(start, tokens, 4, "cancelled", input_tokens=0)
+        assert 3 < len(tokens) < 400
+        ask(ws, "after the grace", start["session_id"])
+    assert bedrock.calls_for("after the grace")[0].body["messages"] == text(
+        "grace period", "".join(tokens), "after the grace"
+    )
+
+
+# A half-open connection (it stopped reading, the server has not noticed) loses its session to a resume with the
+# valid token: the new connection gets the whole answer, and the old one's further questions get session_in_use.
+def test_takeover_from_a_half_open_connection(resumable: Server, bedrock: FakeBedrock) -> None:
+    tokens = [f" take{i}" for i in range(40)]
+    bedrock.replies["take it over"] = Reply(tokens=tokens, delay=0.02)
+    with slow_reader(resumable) as stale, connect(resumable.ws_url) as ws:
+        stale.send(json.dumps({"question": "take it over"}))
+        start = json.loads(stale.recv(timeout=5))  # and then it reads no more
+        assert resume(ws, start, turn_id=start["turn_id"], after=0) == resumed(start, "take it over")
+        assert read_answer(ws) == whole_answer(start, tokens, 1)
+        stale.send(json.dumps({"question": "is it mine", "session_id": start["session_id"]}))
+        frames = []
+        while not frames or frames[-1]["type"] not in ("error", "end"):
+            frames.append(json.loads(stale.recv(timeout=5)))
+        assert frames[-1] == in_use(start["session_id"])
+        ask(ws, "mine now", start["session_id"])
+    assert not bedrock.calls_for("is it mine") and len(bedrock.calls_for("take it over")) == 1
+    assert bedrock.calls_for("mine now")[0].body["messages"] == text("take it over", "".join(tokens), "mine now")
+
+
+# A plain question to a session that exists but is not attached here gets session_in_use (resume first);
+# resuming while this connection streams gets busy; a failed pending turn is delivered as its error, with its
+# turn_id, and is not recorded.
+def test_resume_rules(resumable: Server, bedrock: FakeBedrock) -> None:
+    seen = begin(resumable, bedrock, "fails alone", 3, 1, delay=0.05, exception="throttlingException")
+    start = seen[0]
+    with connect(resumable.ws_url) as ws:
+        ws.send(json.dumps({"question": "sneak in", "session_id": start["session_id"]}))
+        assert json.loads(ws.recv(timeout=5)) == in_use(start["session_id"])
+        assert resume(ws, start, turn_id=start["turn_id"], after=1) == resumed(start, "fails alone")
+        error = {"type": "error", "session_id": start["session_id"], "turn_id": start["turn_id"], "code": "throttled"}
+        assert read_answer(ws) == [*tokens_of([" fail1", " fail2"], 2), {**error, "message": MESSAGES["throttled"]}]
+        bedrock.replies["keep busy"] = Reply(tokens=[f" b{i}" for i in range(20)], delay=0.03)
+        ws.send(json.dumps({"question": "keep busy", "session_id": start["session_id"]}))
+        assert json.loads(ws.recv(timeout=5))["type"] == "start"
+        busy = {"type": "error", "session_id": start["session_id"], "code": "busy", "message": MESSAGES_BUSY}
+        assert resume(ws, start) == busy
+        assert read_answer(ws)[-1]["full_text"] == "".join(f" b{i}" for i in range(20))
+        assert resume(ws, start) == resumed(start, None, ["keep busy", "".join(f" b{i}" for i in range(20))])
+    assert not bedrock.calls_for("sneak in")
+    assert bedrock.calls_for("keep busy")[0].body["messages"] == text("keep busy")  # the failed turn is not there
+
+
+# MAX_SESSIONS (2 here): a new session evicts the least recently detached one; with none detached, "busy".
+def test_max_sessions_evicts_the_oldest_detached(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {"SESSION_TTL": 60, "RESUME_GRACE": 5, "MAX_SESSIONS": 2}
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
+        with connect(server.ws_url) as ws:
+            oldest = ask(ws, "first to go", "old")[0]
+        with connect(server.ws_url) as ws:
+            newer = ask(ws, "second", "newer")[0]
+        with connect(server.ws_url) as a, connect(server.ws_url) as b:
+            assert server.health()["detached"] == 2
+            ask(a, "evicts the oldest", "a")
+            assert resume(b, oldest)["code"] == "not_found"
+            assert resume(b, newer) == resumed(newer, None, ["second", echo("second")])
+            full = "MAX_SESSIONS=2 are all in use; try again later."
+            assert ask(b, "no room", "c") == [{"type": "error", "session_id": "c", "code": "busy", "message": full}]
+            assert server.health() == {"status": "ok", "connections": 2, "sessions": 2, "detached": 0, "streams": 0}
 
 
 # --- security by default
@@ -1315,6 +1547,23 @@ def test_memory_of_one_connection(fresh: Server, bedrock: FakeBedrock) -> None:
     assert per_connection * 1000 + max(per_answer, 28 * MIB) * 256 < 16 * 1024 * MIB
 
 
+# Thousands of clients that ask and drop mid-answer leave detached sessions with answers streaming on; after
+# RESUME_GRACE and SESSION_TTL (1 s and 2 s here) the counts are back to nothing, and memory stays flat.
+@slow
+def test_soak_of_dropped_answers(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    idle = {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0}
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, SESSION_TTL=2, RESUME_GRACE=1) as server:
+        asyncio.run(cycles(server.ws_url, 500, frames=2))  # warm up
+        wait_for(lambda: server.health() == idle, 10, "the warm-up sessions to expire")
+        before = server.memory_kib()
+        asyncio.run(cycles(server.ws_url, 3000, frames=2))  # each leaves after its start and first token
+        assert server.health()["detached"] > 0
+        wait_for(lambda: server.health() == idle, 10, "every session to expire")
+        grown = server.memory_kib() - before
+    print(f"3,000 dropped answers: RSS {before / 1024:.0f} MiB before, grown by {grown} KiB once they expired")
+    assert grown < 8 * 1024, f"RSS grew by {grown} KiB"
+
+
 # The offline model answers any question within the limits in milliseconds (the old regex took 6 s of CPU).
 def test_offline_model_is_linear(tmp_path: Path) -> None:
     with run_server(tmp_path, BEDROCK_MODEL_ID="offline", MAX_TOKENS="20") as server:
@@ -1592,6 +1841,65 @@ def test_page_errors_and_reconnect(page: Any, tmp_path: Path, bedrock: FakeBedro
         page.locator("#question").fill("back again")
         page.keyboard.press("Enter")
         expect(page.locator(".bot")).to_have_text(echo("back again"))
+
+
+def page_answer(page: Any, tokens: list[str], seconds: float = 15) -> None:
+    """Wait until the page's last answer is exactly `tokens`, never showing a token twice meanwhile."""
+    deadline, whole = time.monotonic() + seconds, "".join(tokens)
+    while (shown := page.locator(".bot").last.text_content() or "") != whole:
+        assert whole.startswith(shown) and time.monotonic() < deadline, shown
+    assert page.locator("#send").text_content() == "Stop" or shown == whole
+
+
+# The connection drops mid-answer (closed from the page): the page reconnects, resumes by turn and seq, and the
+# answer carries on in place: nothing lost or doubled, from one upstream request.
+@needs_chromium
+def test_page_resumes_after_a_dropped_connection(page: Any, resumable: Server, bedrock: FakeBedrock) -> None:
+    from playwright.sync_api import expect
+
+    tokens = [f" drop{i}" for i in range(80)]
+    bedrock.replies["page drop"] = Reply(tokens=tokens, delay=0.02)
+    page.goto(resumable.http + "/")
+    expect(page.locator("#state")).to_have_text("connected")
+    page.locator("#question").fill("page drop")
+    page.keyboard.press("Enter")
+    expect(page.locator(".bot")).to_contain_text(" drop10")
+    page.evaluate("ws.close()")
+    expect(page.locator("#state")).to_contain_text("disconnected")
+    page_answer(page, tokens)
+    expect(page.locator(".user")).to_have_text(["page drop"])
+    expect(page.locator("#send")).to_have_text("Send")
+    assert len(bedrock.calls_for("page drop")) == 1
+
+
+# A refresh mid-answer: the page redraws the conversation from the server (earlier turns too) and carries on the
+# pending answer; the next question carries the whole history upstream.
+@needs_chromium
+def test_page_resumes_after_a_refresh(page: Any, resumable: Server, bedrock: FakeBedrock) -> None:
+    from playwright.sync_api import expect
+
+    tokens = [f" fresh{i}" for i in range(80)]
+    bedrock.replies["page refresh"] = Reply(tokens=tokens, delay=0.02)
+    page.goto(resumable.http + "/")
+    expect(page.locator("#state")).to_have_text("connected")
+    page.locator("#question").fill("page before")
+    page.keyboard.press("Enter")
+    expect(page.locator(".bot")).to_have_text(echo("page before"))
+    page.locator("#question").fill("page refresh")
+    page.keyboard.press("Enter")
+    expect(page.locator(".bot").last).to_contain_text(" fresh10")
+    page.reload()
+    expect(page.locator(".user")).to_have_text(["page before", "page refresh"])
+    page_answer(page, tokens)
+    expect(page.locator(".bot")).to_have_text([echo("page before"), "".join(tokens)])
+    expect(page.locator("#send")).to_have_text("Send")
+    page.locator("#question").fill("page after")
+    page.keyboard.press("Enter")
+    expect(page.locator(".bot").last).to_have_text(echo("page after"))
+    assert bedrock.calls_for("page after")[0].body["messages"] == text(
+        "page before", echo("page before"), "page refresh", "".join(tokens), "page after"
+    )
+    assert len(bedrock.calls_for("page refresh")) == 1
 
 
 # With CHAT_API_KEY set, /?token=<key> makes the page pass the key on its handshake; the page holds no secret.
