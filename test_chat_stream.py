@@ -1637,11 +1637,15 @@ def test_log_outcomes(server: Server, bedrock: FakeBedrock) -> None:
     ]
 
 
+LIFETIMES = {"connection-bound": {}, "resumable": {"SESSION_TTL": "", "RESUME_GRACE": ""}}  # "": the defaults
+
+
 # SIGTERM drains: /healthz says 503 "draining" and new handshakes get 503; an idle connection is closed with
 # 1012 at once; a new question gets "unavailable" (before "busy"); 20 answers in flight each run to their exact
 # end, then 1012; the process exits as soon as they are done.
-def test_sigterm_drains(tmp_path: Path, bedrock: FakeBedrock) -> None:
-    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url) as server, contextlib.ExitStack() as stack:
+@pytest.mark.parametrize("lifetimes", LIFETIMES.values(), ids=LIFETIMES.keys())
+def test_sigterm_drains(tmp_path: Path, bedrock: FakeBedrock, lifetimes: dict) -> None:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **lifetimes) as server, contextlib.ExitStack() as stack:
         idle = stack.enter_context(connect(server.ws_url))
         clients = [stack.enter_context(connect(server.ws_url)) for _ in range(20)]
         tokens = [f" d{i}" for i in range(30)]
@@ -1682,8 +1686,9 @@ RESTARTING = "The server is restarting; reconnect and ask again."
 
 # After DRAIN_TIMEOUT, an answer still streaming is cut: its client gets 1012, its Bedrock stream is closed, and
 # the process exits within DRAIN_TIMEOUT + 5 s.
-def test_sigterm_drain_timeout(tmp_path: Path, bedrock: FakeBedrock) -> None:
-    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, DRAIN_TIMEOUT=1) as server:
+@pytest.mark.parametrize("lifetimes", LIFETIMES.values(), ids=LIFETIMES.keys())
+def test_sigterm_drain_timeout(tmp_path: Path, bedrock: FakeBedrock, lifetimes: dict) -> None:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, DRAIN_TIMEOUT=1, **lifetimes) as server:
         with connect(server.ws_url) as ws:
             start_slow_answer(ws, bedrock, "longer than the drain", "long", tokens=1)
             server.process.send_signal(signal.SIGTERM)
@@ -1693,8 +1698,34 @@ def test_sigterm_drain_timeout(tmp_path: Path, bedrock: FakeBedrock) -> None:
                     pass
             assert closed.value.rcvd.code == 1012 and 1 <= time.monotonic() - signalled_at < 3
         assert server.process.wait(timeout=10) == -signal.SIGTERM and time.monotonic() - signalled_at < 6
-    (call,) = bedrock.calls_for("longer than the drain")
+    call = bedrock.calls_for("longer than the drain")[-1]
     assert call.client_closed_at and not call.finished
+
+
+# SIGTERM with resumable sessions: an answer streaming for no connection is stopped at once (nobody can resume it
+# during the drain), a resume gets "unavailable", and the process does not wait for RESUME_GRACE.
+def test_sigterm_stops_detached_answers(tmp_path: Path, bedrock: FakeBedrock) -> None:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, SESSION_TTL=60, RESUME_GRACE=30) as server:
+        start = begin(server, bedrock, "nobody is listening", 400, 2, delay=0.05)[0]
+        bedrock.replies["stay for a bit"] = Reply(tokens=[f" s{i}" for i in range(40)], delay=0.05)
+        with connect(server.ws_url) as ws:
+            ws.send(json.dumps({"question": "stay for a bit", "session_id": "stay"}))
+            assert json.loads(ws.recv(timeout=5))["type"] == "start"
+            server.process.send_signal(signal.SIGTERM)
+            signalled_at = time.monotonic()
+            (call,) = bedrock.calls_for("nobody is listening")
+            wait_for(lambda: call.client_closed_at, 2, "the detached answer to stop")
+            ws.send(json.dumps({"type": "resume", "session_id": start["session_id"], "resume_token": "x"}))
+            frames = read_answer(ws)  # the tokens still coming, and the refusal
+            assert {
+                "type": "error",
+                "session_id": start["session_id"],
+                "code": "unavailable",
+                "message": RESTARTING,
+            } in frames
+            assert read_answer(ws)[-1]["full_text"] == "".join(f" s{i}" for i in range(40))
+        assert server.process.wait(timeout=10) == -signal.SIGTERM and time.monotonic() - signalled_at < 3
+    assert not call.finished
 
 
 # --- the chat page, in a real headless Chromium
