@@ -188,9 +188,9 @@ class Turn:
 
     id: str
     question: str
-    tokens: list[str] = field(default_factory=list)  # every token so far; a cancel cuts it to what was sent
+    tokens: list[str] = field(default_factory=list)  # every token so far
     final: dict[str, Any] | None = None  # its end or error frame, once the answer is over
-    sent: int = 0  # tokens handed to the attached connection (a cancel keeps exactly these)
+    sent: int = 0  # tokens handed to the attached connection
     task: asyncio.Task[None] | None = None  # the answer (see `answer`), reading Bedrock
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # a token or the final frame arrived
     room: asyncio.Event = field(default_factory=asyncio.Event)  # the connection caught up (see WINDOW)
@@ -211,6 +211,7 @@ DETACHED: dict[str, Session] = {}  # the sessions with no connection, least rece
 CONNECTIONS: dict[WebSocket, asyncio.Task[None] | None] = {}  # open chat sockets and the turn each is sending
 # (None: idle), at most MAX_CONNECTIONS; each leaves in its handler's `finally`
 STREAMS: set[asyncio.Task[None]] = set()  # answers whose Bedrock stream is open; at most MAX_CONCURRENT_STREAMS
+# (an answer being stopped to make room may hold its place a moment longer)
 DRAINING = asyncio.Event()  # set on SIGTERM: /healthz says 503, no new handshake or question, answers finish
 WINDOW = 64  # tokens an answer may read ahead of a connection that reads slowly; then Bedrock's stream waits
 
@@ -247,6 +248,16 @@ def detach(session: Session) -> None:
     if (turn := session.pending) and turn.task in STREAMS:
         turn.room.set()  # nobody reads now: the answer runs to its end (or to the grace), kept for a resume
         session.timers.append(loop.call_later(RESUME_GRACE, turn.task.cancel, "cancel"))  # ends as a cancel does
+
+
+def make_room() -> bool:
+    """MAX_CONCURRENT_STREAMS are open: stop the answer that has waited longest for a resume, if there is one, so
+    that clients who ask and leave cannot lock out those who stay. It ends as at RESUME_GRACE."""
+    for session in DETACHED.values():
+        if (turn := session.pending) and turn.task in STREAMS and not turn.task.cancelling():
+            turn.task.cancel("cancel")
+            return True
+    return False
 
 
 def drop(session: Session) -> None:
@@ -654,8 +665,7 @@ async def chat(ws: WebSocket) -> None:
                     await send(ws, error_frame("session_in_use", IN_USE, session_id))
                     continue
                 if streaming and live.task in STREAMS and (kind == "cancel" or live is session.pending):
-                    live.task.cancel("cancel")  # the answer ends with its end frame, holding what was sent
-                    del live.tokens[live.sent :]
+                    live.task.cancel("cancel")  # the answer ends with its end frame, holding what was read
                 if kind == "end_session" and session is not None:
                     drop(session)
             elif DRAINING.is_set():
@@ -676,7 +686,7 @@ async def chat(ws: WebSocket) -> None:
                 await send(ws, error_frame("session_in_use", IN_USE, session_id))
             elif session is None and len(held) >= MAX_SESSIONS_PER_CONNECTION:
                 await send(ws, error_frame("too_large", TOO_MANY_SESSIONS, session_id))
-            elif streaming or len(STREAMS) >= MAX_CONCURRENT_STREAMS:
+            elif streaming or (len(STREAMS) >= MAX_CONCURRENT_STREAMS and not make_room()):
                 await send(ws, error_frame("busy", session_id=session_id))
             elif session is None and (session := new_session(session_id, ws)) is None:
                 await send(ws, error_frame("busy", f"{MAX_SESSIONS=} are all in use; try again later.", session_id))

@@ -778,8 +778,8 @@ def until_still(value: Callable[[], Any], seconds: float = 0.3) -> Callable[[], 
     return still
 
 
-# A cancel that lands while the server waits to write a token (the client reads slowly) leaves that token unsent
-# and out of full_text: full_text, and the history, are exactly the tokens the client received.
+# A client that reads slowly holds Bedrock's stream back (the server reads at most 64 tokens ahead of it); a cancel
+# then ends the answer, and full_text, and the history, are exactly the tokens the client received.
 def test_full_text_is_what_was_sent(bedrock: FakeBedrock, tmp_path: Path) -> None:
     bedrock.replies["fill the pipe"] = Reply(tokens=[f"<{i}>" + "x" * 50_000 for i in range(256)])
     with (
@@ -1076,8 +1076,11 @@ def test_not_found_and_expiry(short_lived: Server, bedrock: FakeBedrock) -> None
         ws.send(json.dumps({"question": "expire me"}))
         start = read_answer(ws)[0]
     sid = start["session_id"]
-    with connect(short_lived.ws_url) as ws:
+    left_at = time.monotonic()
+    with connect(short_lived.ws_url) as ws:  # attached past the TTL of its first detachment: it must not expire
         assert resume(ws, start) == resumed(start, None, ["expire me", echo("expire me")])
+        wait_for(lambda: time.monotonic() - left_at > 3.5, 5, "the first TTL to pass")  # subtle: proving an absence
+        assert ask(ws, "still here", sid)[-1]["type"] == "end"
     left_at = time.monotonic()
     assert short_lived.health()["detached"] == 1
     not_found = {"type": "error", "session_id": sid, "code": "not_found", "message": NOT_FOUND}
@@ -1085,6 +1088,10 @@ def test_not_found_and_expiry(short_lived: Server, bedrock: FakeBedrock) -> None
         assert resume(ws, {**start, "resume_token": "x" * 43}) == not_found
         assert resume(ws, {**start, "resume_token": "\ud800"}) == not_found
         assert resume(ws, {**start, "session_id": "no-such-session"}) == {**not_found, "session_id": "no-such-session"}
+    history = ["expire me", echo("expire me"), "still here", echo("still here")]
+    with connect(short_lived.ws_url) as ws:
+        assert resume(ws, start) == resumed(start, None, history)
+    left_at = time.monotonic()
     wait_for(lambda: short_lived.health()["detached"] == 0, 10, "the session to expire")
     assert 3 <= time.monotonic() - left_at < 5
     with connect(short_lived.ws_url) as ws:
@@ -1131,6 +1138,25 @@ def test_takeover_from_a_half_open_connection(resumable: Server, bedrock: FakeBe
     assert bedrock.calls_for("mine now")[0].body["messages"] == text("take it over", "".join(tokens), "mine now")
 
 
+# A client that reads slowly and then vanishes no longer holds the answer back: it is read to its end while the
+# session waits, and a resume delivers all of it.
+def test_slow_reader_that_leaves(resumable: Server, bedrock: FakeBedrock) -> None:
+    tokens = [f"<{i}>" + "z" * 100_000 for i in range(250)]
+    bedrock.replies["slow then gone"] = Reply(tokens=tokens)
+    with slow_reader(resumable) as ws:
+        ws.send(json.dumps({"question": "slow then gone"}))
+        start = json.loads(ws.recv(timeout=5))
+        wait_for(lambda: bedrock.calls_for("slow then gone"), 5, "the Bedrock request")
+        (call,) = bedrock.calls_for("slow then gone")
+        wait_for(until_still(lambda: call.tokens_sent), 10, "Bedrock's stream to be held back")
+        assert not call.finished
+        ws.socket.shutdown(socket.SHUT_RDWR)
+    wait_for(lambda: call.finished, 5, "the answer to be read to its end")
+    with connect(resumable.ws_url, max_size=None) as ws:
+        assert resume(ws, start) == resumed(start, "slow then gone")
+        assert read_answer(ws) == whole_answer(start, tokens, 1)
+
+
 # A plain question to a session that exists but is not attached here gets session_in_use (resume first);
 # resuming while this connection streams gets busy; a failed pending turn is delivered as its error, with its
 # turn_id, and is not recorded.
@@ -1150,8 +1176,32 @@ def test_resume_rules(resumable: Server, bedrock: FakeBedrock) -> None:
         assert resume(ws, start) == busy
         assert read_answer(ws)[-1]["full_text"] == "".join(f" b{i}" for i in range(20))
         assert resume(ws, start) == resumed(start, None, ["keep busy", "".join(f" b{i}" for i in range(20))])
+        for i in range(3):
+            ask(ws, "fill up", f"rules-{i}")
+        other = begin(resumable, bedrock, "one session too many", 1, 1)[0]
+        too_many = "This connection already has 4 sessions; end one or reconnect."
+        assert resume(ws, other) == {
+            "type": "error",
+            "session_id": other["session_id"],
+            "code": "too_large",
+            "message": too_many,
+        }
     assert not bedrock.calls_for("sneak in")
     assert bedrock.calls_for("keep busy")[0].body["messages"] == text("keep busy")  # the failed turn is not there
+
+
+# Clients that ask and leave cannot hold every stream: at MAX_CONCURRENT_STREAMS (1 here), a new question stops the
+# answer that has waited longest for a resume (it ends as at RESUME_GRACE) instead of getting "busy".
+def test_detached_answers_give_way(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {"SESSION_TTL": 60, "RESUME_GRACE": 30, "MAX_CONCURRENT_STREAMS": 1}
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
+        start = begin(server, bedrock, "gives way", 400, 2, delay=0.05)[0]
+        with connect(server.ws_url) as ws:
+            assert ask(ws, "let me in", "in")[-1]["full_text"] == echo("let me in")
+            (call,) = bedrock.calls_for("gives way")
+            assert call.client_closed_at and not call.finished
+            assert resume(ws, start, turn_id=start["turn_id"], after=2) == resumed(start, "gives way")
+            assert read_answer(ws)[-1]["stop_reason"] == "cancelled"
 
 
 # MAX_SESSIONS (2 here): a new session evicts the least recently detached one; with none detached, "busy".
