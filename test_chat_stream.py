@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import re
 import resource
 import shutil
@@ -1155,6 +1156,47 @@ def test_slow_reader_that_leaves(resumable: Server, bedrock: FakeBedrock) -> Non
     with connect(resumable.ws_url, max_size=None) as ws:
         assert resume(ws, start) == resumed(start, "slow then gone")
         assert read_answer(ws) == whole_answer(start, tokens, 1)
+
+
+# 20 clients each drop their connection at random moments (after 0 to 15 frames; the first time after its start),
+# some cleanly, some by resetting the socket, some mid-resume, and resume by turn and seq each time: each gets
+# every token exactly once and its exact full_text, from one upstream request each. (An end frame written just
+# before a drop counts as delivered: the next resume then has no pending turn, and the answer is in its history.)
+def test_drops_at_random_moments(resumable: Server, bedrock: FakeBedrock) -> None:
+    rng = random.Random(10)
+
+    async def one(i: int) -> tuple[list[str], str]:
+        question, received = f"unlucky {i}", []
+        bedrock.replies[question] = Reply(tokens=[f" u{i}.{n}" for n in range(100)], delay=0.005)
+        start, first = None, json.dumps({"question": question})
+        while True:
+            async with websockets.connect(resumable.ws_url) as ws:
+                await ws.send(first)
+                for _ in range(rng.randrange(start is None, 16)):  # the start frame, at least
+                    frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    start = start or frame
+                    if frame["type"] == "token":
+                        assert frame["seq"] == len(received) + 1, (frame, len(received))
+                        received.append(frame["text"])
+                    elif frame["type"] == "end":
+                        return received, frame["full_text"]
+                    elif frame["type"] == "resumed" and frame["pending"] is None:
+                        assert frame["history"][0]["text"] == question
+                        return received, frame["history"][1]["text"]
+                    else:
+                        assert frame["type"] in ("start", "resumed"), frame
+                if rng.random() < 0.5:
+                    ws.transport.abort()  # no close handshake: the server learns of it from the socket
+            fields = {"turn_id": start["turn_id"], "after": len(received)}
+            first = json.dumps({"type": "resume", **{k: start[k] for k in ("session_id", "resume_token")}, **fields})
+
+    async def all_of_them() -> list[tuple[list[str], str]]:
+        return await asyncio.gather(*(one(i) for i in range(20)))
+
+    for i, (received, full_text) in enumerate(asyncio.run(all_of_them())):
+        tokens = [f" u{i}.{n}" for n in range(100)]
+        assert full_text == "".join(tokens) and tokens[: len(received)] == received
+        assert len(bedrock.calls_for(f"unlucky {i}")) == 1
 
 
 # A plain question to a session that exists but is not attached here gets session_in_use (resume first);
