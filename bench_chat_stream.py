@@ -8,7 +8,9 @@ The stand-in answers every question after 300 ms with 50 text deltas 20 ms apart
 streams answered exactly, time to first token and answer time (p50/p99), the p99 gap between tokens, and the
 server's CPU time per streamed token (user + system, all its processes). The same load runs against a
 baseline: a minimal native-async server (aiobotocore straight to the socket, no LangChain), the floor that
-chat_stream.py is measured against. Writes a table to stdout, and docs/bench.json and docs/bench.png.
+chat_stream.py is measured against. Then 200 clients that lost their connection after 10 tokens resume at the same
+moment: the time from the resume frame to the first replayed token (p50/p99), every stream checked exact.
+Writes a table to stdout, and docs/bench.json and docs/bench.png.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from bedrock_stand_in import FakeBedrock, Reply, echo, free_port, healthy, serve
 HERE = Path(__file__).parent
 FIRST_DELAY, DELTAS, GAP = 0.3, 50, 0.02
 IDEAL = FIRST_DELAY + (DELTAS - 1) * GAP
+SEEN = 10  # tokens a resuming client had read before its connection dropped
 
 
 # --- the Bedrock stand-in, in a process of its own so that it does not share the clients' event loop
@@ -71,7 +74,7 @@ def baseline_app() -> Any:
         try:
             while True:
                 request = json.loads(await ws.receive_text())
-                session_id = request["session_id"]
+                session_id = request.get("session_id") or "new"
                 await ws.send_text(json.dumps({"type": "start", "session_id": session_id}))
                 response = await clients["bedrock"].converse_stream(
                     modelId="amazon.nova-micro-v1:0",
@@ -141,7 +144,7 @@ async def one_client(url: str, i: int, go: asyncio.Event, ready: asyncio.Queue) 
         ready.put_nowait(i)
         await go.wait()
         sent = time.perf_counter()
-        await ws.send(json.dumps({"question": question, "session_id": f"bench-{i}"}))
+        await ws.send(json.dumps({"question": question}))  # a new session each time
         tokens, times = [], []
         while True:
             frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
@@ -174,6 +177,39 @@ async def one_round(url: str, n: int, pid: int) -> tuple[list[dict[str, Any]], f
     return results, cpu_seconds(pid) - cpu
 
 
+async def one_resume(url: str, i: int, go: asyncio.Event, ready: asyncio.Queue) -> dict[str, Any]:
+    """Ask, read the start and SEEN tokens, drop the connection; then, on a new one, resume when told to."""
+    question = " ".join(f"r{i}w{j}" for j in range(DELTAS - 1))
+    async with websockets.connect(url, compression=None, open_timeout=60) as ws:
+        await ws.send(json.dumps({"question": question}))
+        start = json.loads(await asyncio.wait_for(ws.recv(), 60))
+        seen = [json.loads(await asyncio.wait_for(ws.recv(), 60))["text"] for _ in range(SEEN)]
+    async with websockets.connect(url, compression=None, open_timeout=60) as ws:
+        ready.put_nowait(i)
+        await go.wait()
+        sent = time.perf_counter()
+        resume = {"type": "resume", "session_id": start["session_id"], "resume_token": start["resume_token"]}
+        await ws.send(json.dumps({**resume, "turn_id": start["turn_id"], "after": SEEN}))
+        frames = []
+        while not frames or frames[-1]["type"] not in ("end", "error"):
+            frames.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
+            if len(frames) == 2:
+                first_token = time.perf_counter() - sent
+    tokens = [f for f in frames if f["type"] == "token"]
+    in_order = [f["seq"] for f in tokens] == list(range(SEEN + 1, DELTAS + 1))
+    exact = in_order and frames[-1].get("full_text") == "".join(seen + [f["text"] for f in tokens]) == echo(question)
+    return {"exact": exact, "first_token": first_token}
+
+
+async def resume_round(url: str, n: int) -> list[dict[str, Any]]:
+    go, ready = asyncio.Event(), asyncio.Queue()
+    clients = [asyncio.create_task(one_resume(url, i, go, ready)) for i in range(n)]
+    for _ in range(n):
+        await ready.get()
+    go.set()
+    return await asyncio.gather(*clients)
+
+
 def percentile(values: list[float], p: float) -> float | None:
     if not values:
         return None
@@ -181,7 +217,7 @@ def percentile(values: list[float], p: float) -> float | None:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
-def measure(kind: str, bedrock_url: str, ns: list[int], rounds: int) -> list[dict[str, Any]]:
+def measure(kind: str, bedrock_url: str, ns: list[int], rounds: int, resumes: int = 0) -> list[dict[str, Any]]:
     process, port = start_server(kind, bedrock_url)
     url = f"ws://127.0.0.1:{port}/ws/chat/completions"
     rows = []
@@ -212,6 +248,22 @@ def measure(kind: str, bedrock_url: str, ns: list[int], rounds: int) -> list[dic
             }
             rows.append(row)
             print(format_row(row), flush=True)
+        if resumes:  # clients that lost their connection mid-answer, all resuming at the same moment
+            results = [r for _ in range(rounds) for r in asyncio.run(resume_round(url, resumes))]
+            waits = [r["first_token"] for r in results]
+            row = {
+                "server": kind,
+                "resuming": resumes,
+                "streams": len(results),
+                "exact": sum(r["exact"] for r in results),
+            }
+            row |= {"resume_p50_ms": 1000 * percentile(waits, 50), "resume_p99_ms": 1000 * percentile(waits, 99)}
+            rows.append(row)
+            print(
+                f"{kind}: {resumes} clients resuming at once: {row['exact']}/{row['streams']} exact; resume frame to "
+                f"first replayed token p50 {row['resume_p50_ms']:.0f} ms, p99 {row['resume_p99_ms']:.0f} ms",
+                flush=True,
+            )
     finally:
         process.terminate()
         process.wait()
@@ -248,7 +300,7 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     for kind, color in (("chat_stream", "tab:blue"), ("baseline", "tab:gray")):
-        mine = [r for r in rows if r["server"] == kind]
+        mine = [r for r in rows if r["server"] == kind and "n" in r]
         if mine:
             ns = [r["n"] for r in mine]
             ax.plot(ns, [r["answer_p99_s"] for r in mine], "o-", color=color, label=f"{kind} p99")
@@ -280,6 +332,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-n", type=int, nargs="+", default=[1, 50, 100, 200, 400], help="concurrencies")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per N (N=1 runs five times as many)")
+    parser.add_argument("--resuming", type=int, default=200, help="clients resuming at once (0: skip)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the native-async baseline server")
     parser.add_argument("--out", type=Path, default=HERE / "docs", help="folder for bench.json and bench.png")
     args = parser.parse_args()
@@ -289,7 +342,7 @@ def main() -> None:
     bedrock.start()
     bedrock_url = parent.recv()
     print(HEADER)
-    rows = measure("chat_stream", bedrock_url, args.n, args.rounds)
+    rows = measure("chat_stream", bedrock_url, args.n, args.rounds, args.resuming)
     if not args.no_baseline:
         rows += measure("baseline", bedrock_url, args.n, args.rounds)
     parent.send("done")
@@ -298,7 +351,7 @@ def main() -> None:
     args.out.mkdir(exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps({"ideal_s": IDEAL, "rows": rows}, indent=1) + "\n")
     chart(rows, args.out / "bench.png")
-    mine = {r["n"]: r for r in rows if r["server"] == "chat_stream"}
+    mine = {r["n"]: r for r in rows if r["server"] == "chat_stream" and "n" in r}
     base = {r["n"]: r for r in rows if r["server"] == "baseline"}
     for n in sorted(mine.keys() & base.keys()):
         p99 = mine[n]["answer_p99_s"] / base[n]["answer_p99_s"]
