@@ -1637,6 +1637,7 @@ def test_memory_of_one_connection(fresh: Server, bedrock: FakeBedrock) -> None:
         f"one connection at its worst: {per_connection / 1024:.1f} MiB; its answer in flight: {per_answer / 1024:.1f}"
     )
     assert per_connection * 1000 + max(per_answer, 28 * MIB) * 256 < 16 * 1024 * MIB
+    assert per_connection / 4 < 2 * MIB  # a session at its worst: the README's arithmetic for MAX_SESSIONS
 
 
 # Thousands of clients that ask and drop mid-answer leave detached sessions with answers streaming on; after
