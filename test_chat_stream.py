@@ -1637,7 +1637,7 @@ def test_memory_of_one_connection(fresh: Server, bedrock: FakeBedrock) -> None:
         f"one connection at its worst: {per_connection / 1024:.1f} MiB; its answer in flight: {per_answer / 1024:.1f}"
     )
     assert per_connection * 1000 + max(per_answer, 28 * MIB) * 256 < 16 * 1024 * MIB
-    assert per_connection / 4 < 2 * MIB  # a session at its worst: the README's arithmetic for MAX_SESSIONS
+    assert per_connection / 4 < 2.5 * MIB  # a session at its worst (README: the arithmetic for MAX_SESSIONS)
 
 
 # Thousands of clients that ask and drop mid-answer leave detached sessions with answers streaming on; after
@@ -1946,7 +1946,8 @@ def test_page_new_conversation(page: Any, server: Server, bedrock: FakeBedrock) 
         assert server.health()["sessions"] == 1
 
 
-# An error frame is shown plainly; after a dropped connection the page reconnects by itself.
+# An error frame is shown plainly; after a dropped connection the page reconnects by itself, and when the server
+# no longer has its session (a restart), it says so and starts a new one.
 @needs_chromium
 def test_page_errors_and_reconnect(page: Any, tmp_path: Path, bedrock: FakeBedrock) -> None:
     from playwright.sync_api import expect
@@ -1962,6 +1963,9 @@ def test_page_errors_and_reconnect(page: Any, tmp_path: Path, bedrock: FakeBedro
     expect(page.locator("#state")).to_contain_text("disconnected")
     with run_server(tmp_path, port=port, BEDROCK_ENDPOINT_URL=bedrock.url):
         expect(page.locator("#state")).to_have_text("connected", timeout=15_000)
+        expect(page.locator(".note")).to_have_text(  # it tried to resume: the new process has no such session
+            "The server no longer has this conversation; a new one starts with your next question."
+        )
         page.locator("#question").fill("back again")
         page.keyboard.press("Enter")
         expect(page.locator(".bot")).to_have_text(echo("back again"))
