@@ -664,7 +664,7 @@ async def chat(ws: WebSocket) -> None:
                 if kind == "end_session" and session is not None and session.owner is not ws:
                     await send(ws, error_frame("session_in_use", IN_USE, session_id))
                     continue
-                if streaming and live.task in STREAMS and (kind == "cancel" or live is session.pending):
+                if streaming and live.task in STREAMS and (kind == "cancel" or session and live is session.pending):
                     live.task.cancel("cancel")  # the answer ends with its end frame, holding what was read
                 if kind == "end_session" and session is not None:
                     drop(session)

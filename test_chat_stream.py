@@ -827,6 +827,20 @@ def test_cancel_when_idle_is_ignored(ws: ClientConnection) -> None:
     assert ask(ws, "idle cancel") == answer_frames("s1", echo_tokens("idle cancel"), 10)
 
 
+# end_session while an answer streams: for a session this connection does not hold it leaves the answer alone;
+# for the answer's own session it cancels the answer, which still ends with its end frame, and forgets the session.
+def test_end_session_while_streaming(ws: ClientConnection, bedrock: FakeBedrock) -> None:
+    frames = start_slow_answer(ws, bedrock, "keep going", "going", tokens=1)
+    ws.send(json.dumps({"type": "end_session", "session_id": "never-seen"}))
+    frames += read_answer(ws)
+    assert frames[-1]["full_text"] == "".join(f" w{i}" for i in range(200)) and frames[-1]["stop_reason"] == "end_turn"
+    start_slow_answer(ws, bedrock, "stop going", "going", tokens=1)
+    ws.send(json.dumps({"type": "end_session", "session_id": "going"}))
+    assert read_answer(ws)[-1]["stop_reason"] == "cancelled"
+    ask(ws, "anew", "going")
+    assert bedrock.calls_for("anew")[0].body["messages"] == text("anew")
+
+
 # A client that leaves mid-answer gets its Bedrock stream closed within 0.5 s.
 def test_disconnect_mid_answer_closes_upstream(server: Server, bedrock: FakeBedrock) -> None:
     with connect(server.ws_url) as ws:
