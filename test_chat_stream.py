@@ -830,10 +830,12 @@ def test_cancel_when_idle_is_ignored(ws: ClientConnection) -> None:
 # end_session while an answer streams: for a session this connection does not hold it leaves the answer alone;
 # for the answer's own session it cancels the answer, which still ends with its end frame, and forgets the session.
 def test_end_session_while_streaming(ws: ClientConnection, bedrock: FakeBedrock) -> None:
-    frames = start_slow_answer(ws, bedrock, "keep going", "going", tokens=1)
+    bedrock.replies["keep going"] = Reply(tokens=[f" k{i}" for i in range(20)], delay=0.02)
+    ws.send(json.dumps({"question": "keep going", "session_id": "going"}))
+    assert json.loads(ws.recv(timeout=5))["type"] == "start"
     ws.send(json.dumps({"type": "end_session", "session_id": "never-seen"}))
-    frames += read_answer(ws)
-    assert frames[-1]["full_text"] == "".join(f" w{i}" for i in range(200)) and frames[-1]["stop_reason"] == "end_turn"
+    end = read_answer(ws)[-1]
+    assert end["full_text"] == "".join(f" k{i}" for i in range(20)) and end["stop_reason"] == "end_turn"
     start_slow_answer(ws, bedrock, "stop going", "going", tokens=1)
     ws.send(json.dumps({"type": "end_session", "session_id": "going"}))
     assert read_answer(ws)[-1]["stop_reason"] == "cancelled"
