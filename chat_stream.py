@@ -515,7 +515,8 @@ async def deliver(ws: WebSocket, session: Session, turn: Turn, after: int, start
     try:
         if start:
             await send(ws, start)
-        sent = after
+        sent = turn.sent = after  # the answer reads ahead of this connection by at most WINDOW tokens
+        turn.room.set()
         while session.owner is ws:
             if sent < len(turn.tokens):
                 sent = turn.sent = sent + 1
@@ -633,7 +634,8 @@ async def resume(ws: WebSocket, session: Session, turn_id: str | None, after: in
     await send(ws, {"type": "resumed", "session_id": session.id, "history": history, "pending": pending})
     if turn is None or session.owner is not ws:
         return None
-    return asyncio.create_task(deliver(ws, session, turn, after if turn_id == turn.id else 0, None))
+    after = min(after, len(turn.tokens)) if turn_id == turn.id else 0  # subtle: a client may claim more than exists
+    return asyncio.create_task(deliver(ws, session, turn, after, None))
 
 
 async def chat(ws: WebSocket) -> None:

@@ -1215,6 +1215,23 @@ def test_drops_at_random_moments(resumable: Server, bedrock: FakeBedrock) -> Non
         assert len(bedrock.calls_for(f"unlucky {i}")) == 1
 
 
+# A resume that claims more tokens than the answer has (after=10**6) gets the tokens from the next one on: the
+# answer, held back for a slow reader until then, is not left waiting for tokens that will never be sent.
+def test_resume_that_claims_too_much(resumable: Server, bedrock: FakeBedrock) -> None:
+    tokens = [f"<{i}>" + "o" * 100_000 for i in range(250)]
+    bedrock.replies["claims too much"] = Reply(tokens=tokens)
+    with slow_reader(resumable) as stale, connect(resumable.ws_url, max_size=None) as ws:
+        stale.send(json.dumps({"question": "claims too much"}))
+        start = json.loads(stale.recv(timeout=5))
+        wait_for(lambda: bedrock.calls_for("claims too much"), 5, "the Bedrock request")
+        (call,) = bedrock.calls_for("claims too much")
+        wait_for(until_still(lambda: call.tokens_sent), 10, "Bedrock's stream to be held back")
+        assert resume(ws, start, turn_id=start["turn_id"], after=10**6) == resumed(start, "claims too much")
+        frames = read_answer(ws)
+        seqs = [f["seq"] for f in frames if f["type"] == "token"]
+        assert seqs and seqs == list(range(251 - len(seqs), 251)) and frames[-1]["full_text"] == "".join(tokens)
+
+
 # A plain question to a session that exists but is not attached here gets session_in_use (resume first);
 # resuming while this connection streams gets busy; a failed pending turn is delivered as its error, with its
 # turn_id, and is not recorded.
