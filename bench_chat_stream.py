@@ -1,6 +1,6 @@
 """Benchmark: many concurrent WebSocket streams through chat_stream.py, against the local Bedrock stand-in.
 
-Run: .venv/bin/python bench_chat_stream.py            (about three minutes on two cores)
+Run: .venv/bin/python bench_chat_stream.py            (about four minutes on two cores)
      .venv/bin/python bench_chat_stream.py -n 1 100 --rounds 2 --no-baseline
 
 The stand-in answers every question after 300 ms with 50 text deltas 20 ms apart, so the ideal answer takes

@@ -1954,8 +1954,8 @@ def test_page_renders_text_not_html(page: Any, server: Server) -> None:
     assert page.locator("#log img, #log script").count() == 0 and page.dialogs == []
 
 
-# "New conversation" ends the session and starts a new one: the next request carries no history, and the page
-# works for any number of conversations.
+# "New conversation" ends the session, forgets its resume token, and starts a new one: the next request carries no
+# history, and the page works for any number of conversations.
 @needs_chromium
 def test_page_new_conversation(page: Any, server: Server, bedrock: FakeBedrock) -> None:
     from playwright.sync_api import expect
@@ -1965,8 +1965,13 @@ def test_page_new_conversation(page: Any, server: Server, bedrock: FakeBedrock) 
     page.locator("#question").fill("page turn one")
     page.keyboard.press("Enter")
     expect(page.locator(".bot")).to_have_text(echo("page turn one"))
+    assert len(page.evaluate("sessionStorage.getItem('resume_token')")) == 43  # kept for a resume
     page.locator("#new").click()
     expect(page.locator("#log")).to_be_empty()
+    assert page.evaluate("[sessionStorage.getItem('session_id'), sessionStorage.getItem('resume_token')]") == [
+        None,
+        None,
+    ]  # forgotten: a refresh now starts afresh
     page.locator("#question").fill("page turn two")
     page.keyboard.press("Enter")
     expect(page.locator(".bot")).to_have_text(echo("page turn two"))
