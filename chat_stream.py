@@ -67,7 +67,15 @@ from dotenv import load_dotenv
 from langchain_aws import ChatBedrockConverse
 from langchain_aws.chat_models.bedrock_converse import _messages_to_bedrock, _parse_stream_event
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage, trim_messages
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    trim_messages,
+)
+from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import model_validator
 from starlette.applications import Starlette
@@ -121,6 +129,16 @@ def number_from_0_to_1(raw: str) -> float:
     return value
 
 
+def one_of(*choices: str) -> Callable[[str], str]:
+    def choice(raw: str) -> str:
+        if raw.lower() not in choices:
+            raise ValueError(raw)
+        return raw.lower()
+
+    choice.__name__ = " or ".join(choices)
+    return choice
+
+
 def origins(raw: str) -> frozenset[str]:
     return frozenset(o.strip().rstrip("/").lower() for o in raw.split(",") if o.strip())
 
@@ -157,7 +175,13 @@ STREAM_TIMEOUT = setting("STREAM_TIMEOUT", positive_number, 60.0)  # seconds Bed
 MAX_CONCURRENT_STREAMS = setting("MAX_CONCURRENT_STREAMS", positive_int, 256)  # per process; over it: "busy"
 MAX_QUESTION_CHARS = setting("MAX_QUESTION_CHARS", positive_int, 32000)  # longer questions: "too_large"
 MAX_HISTORY_MESSAGES = setting("MAX_HISTORY_MESSAGES", positive_int, 40)  # memory per session, whole turns
-MAX_HISTORY_TOKENS = setting("MAX_HISTORY_TOKENS", positive_int, 100_000)  # the same, in tokens (estimated)
+MAX_HISTORY_TOKENS = setting("MAX_HISTORY_TOKENS", positive_int, 100_000)  # a request's budget (estimated tokens)
+PROMPT_CACHE = setting("PROMPT_CACHE", one_of("auto", "off"), "auto")  # cache points, for models that take them
+GUARDRAIL_ID = setting("GUARDRAIL_ID", str, None)  # a Bedrock guardrail applied to every answer, with its version
+GUARDRAIL_VERSION = setting("GUARDRAIL_VERSION", str, None)
+GUARDRAIL_STREAM_MODE = setting("GUARDRAIL_STREAM_MODE", one_of("sync", "async"), "sync")  # Bedrock's two modes
+if (GUARDRAIL_ID is None) != (GUARDRAIL_VERSION is None):
+    sys.exit("chat_stream: set both GUARDRAIL_ID and GUARDRAIL_VERSION, or neither")
 CHAT_API_KEY = setting("CHAT_API_KEY", str, None)  # if set, handshakes need "Bearer <key>" or ?token=<key>
 ALLOWED_ORIGINS = setting("ALLOWED_ORIGINS", origins, frozenset())  # browser origins besides our own; "*" = any
 ALLOWED_HOSTS = setting("ALLOWED_HOSTS", hosts, loopback_and(HOST))  # Host headers served (DNS rebinding); "*" = any
@@ -189,6 +213,8 @@ class Turn:
     id: str
     question: str
     tokens: list[str] = field(default_factory=list)  # every token so far
+    context: list[BaseMessage] = field(default_factory=list)  # the history sent with the question
+    first_token_at: float | None = None  # time.perf_counter() when the first token arrived
     final: dict[str, Any] | None = None  # its end or error frame, once the answer is over
     sent: int = 0  # tokens handed to the attached connection
     task: asyncio.Task[None] | None = None  # the answer (see `answer`), reading Bedrock
@@ -282,10 +308,13 @@ class BedrockChat(ChatBedrockConverse):
     additional_model_request_fields, ...). Per-call arguments (`bind_tools`, `bind(...)`) are refused: use
     ChatBedrockConverse for those. Text deltas become plain-string chunks, the cheapest kind LangChain has; other
     events (usage, stop reason, reasoning) are parsed by langchain-aws; content it does not know is skipped.
-    Every model streams, even those langchain-aws has not verified as streaming-capable.
+    Every model streams, even those langchain-aws has not verified as streaming-capable. With `cache_points`, a
+    model in PROMPT_CACHE_MODELS gets Bedrock cache points after the system prompt and after the last completed
+    turn, and the usage chunk carries Bedrock's own cache figures (langchain-aws folds them into input_tokens).
     """
 
     aclient: Any = None  # aiobotocore "bedrock-runtime" client, open inside `connect()`
+    cache_points: bool = False  # prompt caching, for the models that take it
 
     @model_validator(mode="after")
     def always_stream(self) -> BedrockChat:
@@ -314,6 +343,8 @@ class BedrockChat(ChatBedrockConverse):
         bedrock_messages, system = _messages_to_bedrock(
             messages, self.system, model_id=self._get_base_model(), provider=self.provider
         )
+        if self.cache_points and self._get_base_model().startswith(PROMPT_CACHE_MODELS):
+            add_cache_points(system, bedrock_messages)
         response = await self.aclient.converse_stream(
             messages=bedrock_messages, system=system, **self._converse_params(stop=stop)
         )
@@ -331,6 +362,9 @@ class BedrockChat(ChatBedrockConverse):
                         continue
                     if chunk.usage_metadata:
                         chunk.response_metadata["model_name"] = self.base_model_id or self.model_id
+                        usage = event["metadata"].get("usage", {})
+                        chunk.response_metadata["cache_read_input_tokens"] = usage.get("cacheReadInputTokens", 0)
+                        chunk.response_metadata["cache_write_input_tokens"] = usage.get("cacheWriteInputTokens", 0)
                     yield ChatGenerationChunk(message=chunk)
         finally:
             stream.close()  # subtle: closes the HTTP connection now, even when cancelled, not at garbage collection
@@ -376,6 +410,31 @@ class OfflineChat(BaseChatModel):
         yield ChatGenerationChunk(message=last)
 
 
+PROMPT_CACHE_MODELS = (  # base model ids that take cache points through Converse; Bedrock refuses them elsewhere
+    "anthropic.claude-3-5-haiku",
+    "anthropic.claude-3-7-sonnet",
+    "anthropic.claude-sonnet-4",  # 4, 4.5, and later Claude models under these names
+    "anthropic.claude-opus-4",
+    "anthropic.claude-haiku-4",
+    "amazon.nova-micro",
+    "amazon.nova-lite",
+    "amazon.nova-pro",
+)
+
+
+CACHE_USAGE = ("cache_read_input_tokens", "cache_write_input_tokens")  # Bedrock's cache figures, as end.usage has them
+
+
+def add_cache_points(system: list[dict[str, Any]], messages: list[dict[str, Any]]) -> None:
+    """Cache points after the system prompt and after the last completed turn (2 of Bedrock's 4): each turn's
+    request then reads the previous turn's prefix from the cache, and writes its own."""
+    point = {"cachePoint": {"type": "default"}}
+    if system:
+        system.append(point)
+    if len(messages) > 1:  # messages[-1] is the question; messages[-2] the last answer
+        messages[-2]["content"].append(point)
+
+
 def no_retry_after_timeout(caught_exception: Exception | None = None, **kwargs: Any) -> bool | None:
     """botocore's needs-retry hook: False (no retry) after a timeout, None (botocore decides) otherwise."""
     return False if isinstance(caught_exception, ReadTimeoutError | ConnectTimeoutError) else None
@@ -394,6 +453,13 @@ def build_model() -> BaseChatModel:
         endpoint_url=BEDROCK_ENDPOINT_URL,
         temperature=TEMPERATURE,
         max_tokens=MAX_TOKENS,
+        cache_points=PROMPT_CACHE == "auto",
+        guardrail_config=GUARDRAIL_ID
+        and {
+            "guardrailIdentifier": GUARDRAIL_ID,
+            "guardrailVersion": GUARDRAIL_VERSION,
+            "streamProcessingMode": GUARDRAIL_STREAM_MODE,
+        },
     )
 
 
@@ -440,6 +506,19 @@ def error_code(exc: Exception) -> str:
 
 
 RESTARTING = "The server is restarting; reconnect and ask again."
+TOO_LONG_FOR_MODEL = "The question is too long for the model, even without the conversation before it."
+CONTEXT_OVERFLOW = re.compile(  # how Bedrock's models say a request is over their context window (ValidationException)
+    r"input is too long|prompt is too long|input length and `?max_tokens`? exceed context limit|"
+    r"too many total text bytes|input tokens exceeded",
+    re.IGNORECASE,
+)
+
+
+def overflowed(exc: Exception) -> bool:
+    error = exc.response.get("Error", {}) if isinstance(exc, ClientError) else {}
+    return error.get("Code") == "ValidationException" and bool(CONTEXT_OVERFLOW.search(error.get("Message", "")))
+
+
 IN_USE = "This session is open on another connection; resume it with its resume_token first."
 NOT_FOUND = "No such session: it may have expired, or the resume_token is wrong. Start a new session."
 TOO_MANY_SESSIONS = f"This connection already has {MAX_SESSIONS_PER_CONNECTION} sessions; end one or reconnect."
@@ -464,24 +543,19 @@ async def send(ws: WebSocket, frame: dict[str, Any]) -> None:
 # --- one answer: a task reads Bedrock into its Turn; another sends the Turn to whichever connection holds the session
 
 
-async def answer(session: Session, turn: Turn, messages: list[BaseMessage]) -> None:
+async def answer(session: Session, turn: Turn) -> None:
     """Read the model's answer into `turn`, to its final frame, whether or not a connection is attached."""
-    stop_reason, usage = None, None
-    started, first_token = time.perf_counter(), None
-    outcome = "end"
+    stop_reason, usage, held = None, None, len(session.history) // 2  # the completed turns before this question
+    started, outcome = time.perf_counter(), "end"
     try:
-        async with aclosing(MODEL.astream(messages)) as chunks:  # the Bedrock stream is closed even when cancelled
-            async for chunk in chunks:
-                if text := chunk.text:
-                    first_token = first_token or time.perf_counter()
-                    turn.tokens.append(text)
-                    turn.changed.set()
-                    while len(turn.tokens) - turn.sent > WINDOW and session.owner is not None:
-                        turn.room.clear()  # the client reads slowly: stop reading Bedrock until it catches up
-                        await turn.room.wait()
-                stop_reason = chunk.response_metadata.get("stopReason", stop_reason)
-                if chunk.usage_metadata:
-                    usage = {k: chunk.usage_metadata[k] for k in ("input_tokens", "output_tokens")}
+        try:
+            stop_reason, usage = await read(session, turn)
+        except ClientError as exc:
+            if not (overflowed(exc) and session.history):
+                raise
+            log.info("context overflow: session=%r turn=%s: retrying with half the history", session.id, turn.id)
+            del session.history[: 2 * -(-held // 2)]  # the oldest half of the turns, rounded up, for good
+            stop_reason, usage = await read(session, turn)
     except asyncio.CancelledError as exc:
         if exc.args != ("cancel",):  # the session is gone (or the server stops): nobody will read this turn
             outcome = "disconnected"
@@ -489,24 +563,69 @@ async def answer(session: Session, turn: Turn, messages: list[BaseMessage]) -> N
         asyncio.current_task().uncancel()
         stop_reason = outcome = "cancelled"
     except Exception as exc:
-        outcome = error_code(exc)
+        outcome = "too_large" if overflowed(exc) else error_code(exc)
         if outcome == "internal":
             log.exception("answer failed: session=%r turn=%s", session.id, turn.id)
         else:
             log.warning("answer failed: session=%r turn=%s code=%s detail=%s", session.id, turn.id, outcome, exc)
     finally:
         STREAMS.discard(asyncio.current_task())  # the upstream is closed: from here on a cancel cannot cut it short
-        usage = usage or {"input_tokens": 0, "output_tokens": len(turn.tokens)}  # Bedrock's, or the deltas: billed
-        ttft, took = first_token and round((first_token - started) * 1000), (time.perf_counter() - started) * 1000
+        deltas = {"input_tokens": 0, "output_tokens": len(turn.tokens), **dict.fromkeys(CACHE_USAGE, 0)}
+        usage = usage or deltas  # Bedrock's, or when it never came (a cancel) the deltas read: what is billed
+        first, took = turn.first_token_at, (time.perf_counter() - started) * 1000
+        ttft = first and round((first - started) * 1000)
         line = "answer session=%r turn=%s model=%s ttft_ms=%s duration_ms=%d tokens_in=%d tokens_out=%d outcome=%s"
         tokens_in, tokens_out = usage["input_tokens"], usage["output_tokens"]
         log.info(line, session.id, turn.id, BEDROCK_MODEL_ID, ttft, took, tokens_in, tokens_out, outcome)
     if outcome in ("end", "cancelled"):
         end = {"type": "end", "session_id": session.id, "turn_id": turn.id, "full_text": "".join(turn.tokens)}
-        turn.final = {**end, "stop_reason": stop_reason, "usage": usage}
+        trimmed = held - len(turn.context) // 2  # turns left out, by the budget or the overflow
+        turn.final = {**end, "stop_reason": stop_reason, "usage": usage, "history_trimmed": trimmed}
+    elif outcome == "too_large":
+        turn.final = {**error_frame(outcome, TOO_LONG_FOR_MODEL, session.id), "turn_id": turn.id}
     else:
         turn.final = {**error_frame(outcome, session_id=session.id), "turn_id": turn.id}
     turn.changed.set()
+
+
+def request(session: Session, question: str) -> list[BaseMessage]:
+    """The messages sent for `question`: the system prompt, the newest whole turns of the history that fit
+    MAX_HISTORY_TOKENS together with it and the question, and the question. The question always goes, however
+    long: if it is too long for the model, Bedrock says so."""
+    system = [SystemMessage(SYSTEM_PROMPT)] if SYSTEM_PROMPT else []
+    messages = trim_messages(
+        [*system, *session.history, HumanMessage(question)],
+        max_tokens=MAX_HISTORY_TOKENS,
+        token_counter=count_tokens_approximately,
+        strategy="last",
+        start_on="human",  # subtle: whole turns, so the roles alternate as Bedrock requires
+        include_system=True,
+    )
+    if not messages or messages[-1].type != "human":  # the question alone is over the budget
+        return [*system, HumanMessage(question)]
+    return messages
+
+
+async def read(session: Session, turn: Turn) -> tuple[str | None, dict[str, int] | None]:
+    """Ask the model, with the history that fits (see `request`); stream its answer into `turn`; return its stop
+    reason and usage."""
+    messages = request(session, turn.question)
+    turn.context = messages[bool(SYSTEM_PROMPT) : -1]
+    stop_reason, usage = None, None
+    async with aclosing(MODEL.astream(messages)) as chunks:  # the Bedrock stream is closed even when cancelled
+        async for chunk in chunks:
+            if text := chunk.text:
+                turn.first_token_at = turn.first_token_at or time.perf_counter()
+                turn.tokens.append(text)
+                turn.changed.set()
+                while len(turn.tokens) - turn.sent > WINDOW and session.owner is not None:
+                    turn.room.clear()  # the client reads slowly: stop reading Bedrock until it catches up
+                    await turn.room.wait()
+            stop_reason = chunk.response_metadata.get("stopReason", stop_reason)
+            if chunk.usage_metadata:
+                usage = {k: chunk.usage_metadata[k] for k in ("input_tokens", "output_tokens")}
+                usage |= {k: chunk.response_metadata.get(k, 0) for k in CACHE_USAGE}
+    return stop_reason, usage
 
 
 async def deliver(ws: WebSocket, session: Session, turn: Turn, after: int, start: dict[str, Any] | None) -> None:
@@ -539,11 +658,10 @@ def settle(session: Session, turn: Turn) -> None:
     history stays valid for the next question."""
     session.pending = None
     if turn.final["type"] == "end" and turn.final["full_text"].strip():
-        history = [*session.history, HumanMessage(turn.question), AIMessage(turn.final["full_text"])]
-        history = history[-MAX_HISTORY_MESSAGES:]
-        session.history = trim_messages(  # the newest whole turns within both bounds: memory, and request size
-            history, max_tokens=MAX_HISTORY_TOKENS, token_counter="approximate", start_on="human"
-        )  # subtle: starting on a question keeps the roles alternating, as Bedrock requires
+        history = [*turn.context, HumanMessage(turn.question), AIMessage(turn.final["full_text"])]
+        history = history[-MAX_HISTORY_MESSAGES:]  # turns left out for the budget are gone already
+        session.history = history[history[0].type == "ai" :]  # whole turns, so the roles alternate as Bedrock needs
+        # subtle: trim_messages(token_counter=len) would do the same, but cost the process 50 MB more memory
 
 
 # --- the connection: validate each frame, start answers, clean up on close
@@ -616,8 +734,7 @@ def handshake_allowed(ws: WebSocket) -> bool:
 def start_turn(ws: WebSocket, session: Session, question: str) -> asyncio.Task[None]:
     """Ask the model; return the task that sends the answer to `ws`."""
     turn = session.pending = Turn(secrets.token_urlsafe(12), question)
-    system = [SystemMessage(SYSTEM_PROMPT)] if SYSTEM_PROMPT else []
-    turn.task = asyncio.create_task(answer(session, turn, [*system, *session.history, HumanMessage(question)]))
+    turn.task = asyncio.create_task(answer(session, turn))
     STREAMS.add(turn.task)
     turn.task.add_done_callback(STREAMS.discard)
     start = {"type": "start", "session_id": session.id, "turn_id": turn.id, "resume_token": session.resume_token}

@@ -86,8 +86,9 @@ def run_server(
     **settings: Any,
 ) -> Iterator[Server]:
     port = port or free_port()
-    settings = {"SESSION_TTL": 0, "RESUME_GRACE": 0, **settings}  # sessions die with their connection, unless a
-    # test of resuming asks otherwise: every test of the connection-bound rules runs as before resuming existed
+    settings = {"SESSION_TTL": 0, "RESUME_GRACE": 0, "PROMPT_CACHE": "off", **settings}  # unless a test asks
+    # otherwise, sessions die with their connection (every test of those rules runs as before resuming existed),
+    # and requests carry no cache points (test_claude_model and the prompt caching tests show what "auto" adds)
     log_path = tmp_path / f"server-{port}.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
@@ -166,10 +167,19 @@ def tokens_of(tokens: list[str], first_seq: int = 1) -> list[dict[str, Any]]:
     return [{"type": "token", "text": t, "seq": seq} for seq, t in enumerate(tokens, first_seq)]
 
 
+def usage(input_tokens: int, output_tokens: int, cache_read: int = 0, cache_write: int = 0) -> dict[str, int]:
+    return {
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "cache_read_input_tokens": cache_read,
+        "cache_write_input_tokens": cache_write,
+    }
+
+
 def answer_frames(session_id: str, tokens: list[str], input_tokens: int, stop_reason: str = "end_turn") -> list[dict]:
-    usage = {"input_tokens": input_tokens, "output_tokens": len(tokens)}
     end = {"type": "end", "session_id": session_id, "turn_id": ANY, "full_text": "".join(tokens)}
-    return [start(session_id), *tokens_of(tokens), {**end, "stop_reason": stop_reason, "usage": usage}]
+    end |= {"stop_reason": stop_reason, "usage": usage(input_tokens, len(tokens)), "history_trimmed": 0}
+    return [start(session_id), *tokens_of(tokens), end]
 
 
 def text(*turns: str) -> list[dict[str, Any]]:
@@ -248,13 +258,14 @@ def test_history_trimmed_with_an_odd_cap(bedrock: FakeBedrock, tmp_path: Path) -
     assert bedrock.calls_for("odd three")[0].body["messages"] == text("odd two", echo("odd two"), "odd three")
 
 
-# History is also bounded by MAX_HISTORY_TOKENS (estimated at 4 characters a token), dropped in whole turns.
+# The history sent is the newest whole turns that fit MAX_HISTORY_TOKENS (160 here, estimated at 4 characters a
+# token and 3 a message) together with the question; end.history_trimmed says how many earlier turns were left out.
 def test_history_trimmed_to_the_token_budget(bedrock: FakeBedrock, tmp_path: Path) -> None:
-    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, MAX_HISTORY_TOKENS=150) as server:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, MAX_HISTORY_TOKENS=160) as server:
         with connect(server.ws_url) as ws:
-            questions = [f"{i} " + "q" * 98 for i in range(5)]  # a turn is about 60 tokens
-            for question in questions:
-                ask(ws, question, "budget")
+            questions = [f"{i} " + "q" * 98 for i in range(5)]  # 29 tokens; with its answer a turn is 61
+            trimmed = [ask(ws, question, "budget")[-1]["history_trimmed"] for question in questions]
+    assert trimmed == [0, 0, 0, 1, 1]
     assert bedrock.calls_for(questions[4])[0].body["messages"] == text(
         questions[2], echo(questions[2]), questions[3], echo(questions[3]), questions[4]
     )
@@ -521,17 +532,22 @@ def test_no_credentials(tmp_path: Path, bedrock: FakeBedrock) -> None:
 
 # An Anthropic Claude id streams end to end too, through the Converse API.
 def test_claude_model(tmp_path: Path, bedrock: FakeBedrock) -> None:
-    with run_server(tmp_path, BEDROCK_MODEL_ID=CLAUDE, BEDROCK_ENDPOINT_URL=bedrock.url) as server:
+    with run_server(tmp_path, BEDROCK_MODEL_ID=CLAUDE, BEDROCK_ENDPOINT_URL=bedrock.url, PROMPT_CACHE="") as server:
         with connect(server.ws_url) as ws:
             assert ask(ws, "hello claude") == answer_frames("s1", echo_tokens("hello claude"), 10)
             ask(ws, "and again")
     (call,) = bedrock.calls_for("and again")
     assert call.path == "/model/us.anthropic.claude-3-7-sonnet-20250219-v1%3A0/converse-stream"
+    messages = text("hello claude", echo("hello claude"), "and again")
+    messages[1]["content"].append(CACHE_POINT)  # PROMPT_CACHE=auto, and Claude 3.7 Sonnet takes cache points
     assert call.body == {
-        "messages": text("hello claude", echo("hello claude"), "and again"),
+        "messages": messages,
         "system": [],
         "inferenceConfig": {"maxTokens": 4096, "temperature": 0.3},  # the defaults
     }
+
+
+CACHE_POINT = {"cachePoint": {"type": "default"}}
 
 
 # A model langchain-aws has not verified as streaming-capable still streams, through ConverseStream.
@@ -642,7 +658,8 @@ def test_offline_model_end_turn(tmp_path: Path) -> None:
         "turn_id": ANY,
         "full_text": "This is the offline demo model, so I can only echo. You asked: hi",
         "stop_reason": "end_turn",
-        "usage": {"input_tokens": 1, "output_tokens": 14},
+        "usage": usage(1, 14),
+        "history_trimmed": 0,
     }
 
 
@@ -733,7 +750,8 @@ def test_cancel(ws: ClientConnection, bedrock: FakeBedrock) -> None:
         "turn_id": ANY,
         "full_text": sent,
         "stop_reason": "cancelled",
-        "usage": {"input_tokens": 0, "output_tokens": len(frames) - 2},  # Bedrock's usage never came: the deltas sent
+        "usage": usage(0, len(frames) - 2),  # Bedrock's usage never came: the deltas sent
+        "history_trimmed": 0,
     }
     assert sent.startswith(" w0 w1 w2") and len(frames) < 30
     (call,) = bedrock.calls_for("tell me a long story")
@@ -753,7 +771,7 @@ def test_cancel_before_first_token(ws: ClientConnection, bedrock: FakeBedrock) -
     ws.send(json.dumps({"type": "cancel"}))
     assert read_answer(ws) == [
         {"type": "end", "session_id": "early-cancel", "turn_id": ANY, "full_text": "", "stop_reason": "cancelled",
-         "usage": {"input_tokens": 0, "output_tokens": 0}},
+         "usage": usage(0, 0), "history_trimmed": 0},
     ]  # fmt: skip
     ask(ws, "start over", "early-cancel")
     assert bedrock.calls_for("start over")[0].body["messages"] == text("start over")
@@ -816,7 +834,8 @@ def test_cancel_after_the_stream_ended(server: Server, bedrock: FakeBedrock) -> 
         "turn_id": ANY,
         "full_text": "".join(tokens),
         "stop_reason": "end_turn",
-        "usage": {"input_tokens": 10, "output_tokens": 2},
+        "usage": usage(10, 2),
+        "history_trimmed": 0,
     }
 
 
@@ -1011,9 +1030,9 @@ def resumed(start: dict[str, Any], question: str | None, history: list[str] = ()
 
 def whole_answer(start: dict, tokens: list[str], first_seq: int, stop_reason: str = "end_turn", input_tokens: int = 10):
     """Tokens from `first_seq` on, then the end frame of the whole answer."""
-    usage = {"input_tokens": input_tokens, "output_tokens": len(tokens)}
     end = {"type": "end", "session_id": start["session_id"], "turn_id": start["turn_id"], "full_text": "".join(tokens)}
-    return [*tokens_of(tokens[first_seq - 1 :], first_seq), {**end, "stop_reason": stop_reason, "usage": usage}]
+    end |= {"stop_reason": stop_reason, "usage": usage(input_tokens, len(tokens)), "history_trimmed": 0}
+    return [*tokens_of(tokens[first_seq - 1 :], first_seq), end]
 
 
 NOT_FOUND = "No such session: it may have expired, or the resume_token is wrong. Start a new session."
