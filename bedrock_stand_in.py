@@ -79,6 +79,7 @@ class Call:
     tokens_sent: int = 0
     finished: bool = False  # the whole answer was sent
     client_closed_at: float | None = None  # time.monotonic() when the client closed the stream early
+    usage: dict[str, Any] | None = None  # the usage it sent (in the metadata event)
 
 
 def echo_tokens(question: str) -> list[str]:
@@ -90,13 +91,33 @@ def echo(question: str) -> str:
     return "".join(echo_tokens(question))
 
 
-class FakeBedrock:
-    """A Bedrock runtime on 127.0.0.1: ConverseStream, errors included, and GetInferenceProfile."""
+OVERFLOWS = [  # how Bedrock's models refuse a request over their context window, as seen in the field
+    "Input is too long for requested model.",
+    "The model returned the following errors: prompt is too long: {n} tokens > {limit} maximum",
+    "The model returned the following errors: input length and `max_tokens` exceed context limit: {n} + 4096 > {limit}",
+    "The model returned the following errors: input length and max_tokens exceed context limit: {n} + 4096 > {limit}",
+    "too many total text bytes",
+    "Input Tokens Exceeded: Number of input tokens exceeds maximum length",
+]
 
-    def __init__(self, default: Reply | None = None) -> None:
+
+class FakeBedrock:
+    """A Bedrock runtime on 127.0.0.1: ConverseStream, errors included, and GetInferenceProfile.
+
+    With `context_limit`, a request over that many estimated tokens (see `estimated_tokens`) is refused before its
+    stream, as Bedrock refuses a context overflow: HTTP 400 ValidationException with `overflow` as its message.
+    Requests with cache points get Bedrock's cache figures in their usage: a cache read for the longest prefix
+    (ending at any content block) that an earlier request wrote at one of its cache points, a cache write for the
+    rest up to this request's last cache point; inputTokens is what remains, all in estimated tokens. (Bedrock's
+    minimum cacheable prefix is ignored.)
+    """
+
+    def __init__(self, default: Reply | None = None, context_limit: int | None = None, overflow: str = "") -> None:
         self.calls: list[Call] = []
         self.replies: dict[str, Reply] = {}  # by question; others get `default`
         self.default = default or Reply()
+        self.context_limit, self.overflow = context_limit, overflow or OVERFLOWS[0]
+        self.cached: set[str] = set()  # the prefixes written to the cache
         self.loop = asyncio.new_event_loop()
         self.server = self.loop.run_until_complete(asyncio.start_server(self.handle, "127.0.0.1", 0, backlog=1024))
         self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
@@ -155,9 +176,13 @@ class FakeBedrock:
             await watch
             call.client_closed_at = time.monotonic()
             return False
+        message = reply.http_error and f"{reply.http_error[1]} for {ARN}"
+        if self.context_limit and (n := estimated_tokens(call.body)) > self.context_limit:  # before any token
+            reply = dataclasses.replace(reply, http_error=(400, "ValidationException"))
+            message = self.overflow.format(n=n, limit=self.context_limit)
         if reply.http_error:
             status, kind = reply.http_error
-            body = json.dumps({"message": f"{kind} for {ARN}"}).encode()
+            body = json.dumps({"message": message}).encode()
             writer.write(
                 b"HTTP/1.1 %d Error\r\nContent-Type: application/json\r\nx-amzn-ErrorType: %s:http://internal.amazon.com/\r\n"
                 b"Content-Length: %d\r\n\r\n%s" % (status, kind.encode(), len(body), body)
@@ -210,7 +235,18 @@ class FakeBedrock:
             return
         yield event("messageStop", {"stopReason": reply.stop_reason})
         usage = {"inputTokens": 10 * len(call.body["messages"]), "outputTokens": len(tokens)}
-        yield event("metadata", {"usage": {**usage, "totalTokens": sum(usage.values())}, "metrics": {"latencyMs": 1}})
+        prefixes, points = cache_prefixes(call.body)
+        if points:  # as Bedrock does: a read of the longest cached prefix, a write up to the last cache point
+            read = max((t for key, t in prefixes[: points[-1] + 1] if key in self.cached), default=0)
+            write = 0 if prefixes[points[-1]][0] in self.cached else prefixes[points[-1]][1] - read
+            self.cached |= {prefixes[i][0] for i in points}
+            usage = {"inputTokens": estimated_tokens(call.body) - read - write, "outputTokens": len(tokens)}
+            usage |= {"cacheReadInputTokens": read, "cacheWriteInputTokens": write}
+            if write:  # as Bedrock sends it; langchain-aws then reports no cache write of its own (issue 11)
+                usage["cacheDetails"] = [{"ttl": "5m", "inputTokens": write}]
+        total = usage["inputTokens"] + usage["outputTokens"] + usage.get("cacheReadInputTokens", 0)
+        call.usage = {**usage, "totalTokens": total + usage.get("cacheWriteInputTokens", 0)}
+        yield event("metadata", {"usage": call.usage, "metrics": {"latencyMs": 1}})
 
     def failure(self, reply: Reply) -> Iterator[bytes | None]:
         if reply.exception:
@@ -219,6 +255,33 @@ class FakeBedrock:
             yield event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "x"}})[:-1] + b"\0"
         if reply.exception or reply.corrupt or reply.hang or reply.cut:
             yield None
+
+
+def estimated_tokens(body: dict[str, Any]) -> int:
+    """A request's size in tokens, estimated at four characters a token (of its system prompt and messages)."""
+    blocks = [*body.get("system", []), *(b for m in body["messages"] for b in m["content"])]
+    return -(-sum(len(b.get("text", "")) for b in blocks) // 4)
+
+
+def cache_prefixes(body: dict[str, Any]) -> tuple[list[tuple[str, int]], list[int]]:
+    """A request's prefixes, one ending after each of its content blocks (a key, and its size in tokens), and the
+    indexes of those that end at a cache point."""
+    prefixes, points, prefix = [], [], {"system": [], "messages": []}
+    blocks = [("system", b) for b in body.get("system", [])]
+    blocks += [(m["role"], b) for m in body["messages"] for b in [{"start": True}, *m["content"]]]
+    for role, block in blocks:
+        if "cachePoint" in block:
+            points.append(len(prefixes) - 1)
+            continue
+        if role == "system":
+            prefix["system"].append(block)
+        elif "start" in block:
+            prefix["messages"].append({"role": role, "content": []})
+            continue
+        else:
+            prefix["messages"][-1]["content"].append(block)
+        prefixes.append((json.dumps(prefix), estimated_tokens(prefix)))
+    return prefixes, points
 
 
 def last_question(body: dict[str, Any]) -> str:

@@ -355,6 +355,7 @@ class BedrockChat(ChatBedrockConverse):
                 if "text" in (delta := event.get("contentBlockDelta", {}).get("delta", {})):
                     yield ChatGenerationChunk(message=AIMessageChunk(delta["text"]))  # the hot path: plain text
                 elif "messageStart" not in event and "contentBlockStop" not in event:  # those carry nothing
+                    usage = event.get("metadata", {}).get("usage", {})  # before langchain-aws pops it
                     try:
                         chunk = _parse_stream_event(event)
                     except ValueError:  # a kind of content newer than langchain-aws: the answer goes on without it
@@ -362,7 +363,6 @@ class BedrockChat(ChatBedrockConverse):
                         continue
                     if chunk.usage_metadata:
                         chunk.response_metadata["model_name"] = self.base_model_id or self.model_id
-                        usage = event["metadata"].get("usage", {})
                         chunk.response_metadata["cache_read_input_tokens"] = usage.get("cacheReadInputTokens", 0)
                         chunk.response_metadata["cache_write_input_tokens"] = usage.get("cacheWriteInputTokens", 0)
                     yield ChatGenerationChunk(message=chunk)

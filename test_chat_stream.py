@@ -32,7 +32,18 @@ import pytest
 import websockets
 from websockets.sync.client import ClientConnection, connect
 
-from bedrock_stand_in import FakeBedrock, Reply, echo, echo_tokens, free_port, healthy, server_env, wait_for
+from bedrock_stand_in import (
+    OVERFLOWS,
+    FakeBedrock,
+    Reply,
+    echo,
+    echo_tokens,
+    estimated_tokens,
+    free_port,
+    healthy,
+    server_env,
+    wait_for,
+)
 
 HERE = Path(__file__).parent
 NOVA = "amazon.nova-micro-v1:0"
@@ -673,6 +684,9 @@ def test_offline_model_end_turn(tmp_path: Path) -> None:
         ("STREAM_TIMEOUT", "0"),
         ("ALLOWED_HOSTS", "chat.*.example"),
         ("SEND_TIMEOUT", "-1"),
+        ("SESSION_TTL", "-5"),
+        ("PROMPT_CACHE", "maybe"),
+        ("GUARDRAIL_STREAM_MODE", "later"),
     ],
 )
 def test_bad_setting_stops_startup(key: str, value: str) -> None:
@@ -699,6 +713,142 @@ def test_dotenv_file(tmp_path: Path, bedrock: FakeBedrock) -> None:
     (call,) = bedrock.calls_for("dotenv check")
     assert call.body["system"] == [{"text": "From the dotenv file."}]
     assert call.body["inferenceConfig"] == {"maxTokens": 4096, "temperature": 0.2}
+
+
+# --- long conversations: the context budget, context overflows, prompt caching, guardrails
+
+
+@pytest.fixture
+def small_model() -> Iterator[FakeBedrock]:
+    """A Bedrock whose model refuses requests over 800 estimated tokens, as real models refuse a context overflow."""
+    fake = FakeBedrock(Reply(first_delay=0.05), context_limit=800)  # 20 questions a second at most: the frame budget
+    yield fake
+    fake.close()
+
+
+def long_question(i: int, chars: int = 400) -> str:
+    return f"{i:<3}" + "x" * (chars - 3)  # 100 estimated tokens; its echo, 102
+
+
+# 60 turns of long questions and answers against a model with a small context: every answer ends normally, and
+# every request stays under MAX_HISTORY_TOKENS (700 here) and so under the model's limit.
+def test_a_long_conversation_never_overflows(small_model: FakeBedrock, tmp_path: Path) -> None:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=small_model.url, MAX_HISTORY_TOKENS=700) as server:
+        with connect(server.ws_url) as ws:
+            ends = [ask(ws, long_question(i), "long")[-1] for i in range(60)]
+    assert [end["type"] for end in ends] == ["end"] * 60
+    assert [end["history_trimmed"] for end in ends[:4]] == [0, 0, 0, 1] and ends[-1]["history_trimmed"] == 1
+    assert len(small_model.calls) == 60 and max(estimated_tokens(c.body) for c in small_model.calls) <= 700
+
+
+# Each way Bedrock's models say "context overflow": the oldest half of the turns (2 of 4) is dropped from the
+# session for good and the request retried once, before any token; the client sees a normal answer that says
+# history_trimmed=2, and the next question is not refused again.
+@pytest.mark.parametrize("overflow", OVERFLOWS)
+def test_context_overflow_is_retried_with_half_the_history(overflow: str, tmp_path: Path) -> None:
+    fake = FakeBedrock(context_limit=800, overflow=overflow)
+    questions = [long_question(i) for i in range(6)]
+    try:
+        with run_server(tmp_path, BEDROCK_ENDPOINT_URL=fake.url) as server, connect(server.ws_url) as ws:
+            ends = [ask(ws, question, "over")[-1] for question in questions]
+    finally:
+        fake.close()
+    assert [(end["full_text"], end["history_trimmed"]) for end in ends] == [
+        (echo(q), trimmed) for q, trimmed in zip(questions, [0, 0, 0, 0, 2, 0], strict=True)
+    ]
+    refused, retried = fake.calls_for(questions[4])
+    assert len(refused.body["messages"]) == 9 and refused.usage is None
+    assert retried.body["messages"] == text(*[t for q in questions[2:4] for t in (q, echo(q))], questions[4])
+    assert fake.calls_for(questions[5])[0].body["messages"][0] == text(questions[2])[0]
+
+
+# A question too long for the model on its own gets too_large (after one retry without the history, which is
+# then gone); the session still works. With no history there is nothing to drop, and no retry.
+def test_question_too_long_for_the_model(small_model: FakeBedrock, tmp_path: Path) -> None:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=small_model.url) as server, connect(server.ws_url) as ws:
+        ask(ws, "a short one", "big")
+        frames = ask(ws, "y" * 4000, "big")
+        message = "The question is too long for the model, even without the conversation before it."
+        error = {"type": "error", "session_id": "big", "turn_id": frames[0]["turn_id"], "code": "too_large"}
+        assert frames == [start("big"), {**error, "message": message}]
+        assert ask(ws, "z" * 4000, "fresh")[-1]["code"] == "too_large"
+        assert ask(ws, "still fine", "big")[-1]["full_text"] == echo("still fine")
+    assert len(small_model.calls_for("y" * 4000)) == 2 and len(small_model.calls_for("z" * 4000)) == 1
+    assert small_model.calls_for("still fine")[0].body["messages"] == text("still fine")
+
+
+CACHE_MODELS = {"nova": (NOVA, 2), "claude": (CLAUDE, 2), "not cacheable": (UNVERIFIED, 0), "off": (NOVA, 0)}
+
+
+# PROMPT_CACHE=auto puts a cache point after the system prompt and after the last completed turn, for models that
+# take them (never more than Bedrock's 4); none for other models, nor with PROMPT_CACHE=off.
+@pytest.mark.parametrize("model,points", CACHE_MODELS.values(), ids=CACHE_MODELS.keys())
+def test_prompt_cache_points(bedrock: FakeBedrock, tmp_path: Path, model: str, points: int) -> None:
+    cache = "off" if points == 0 and model == NOVA else "auto"
+    settings = {"BEDROCK_MODEL_ID": model, "SYSTEM_PROMPT": "Be brief.", "PROMPT_CACHE": cache}
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server, connect(server.ws_url) as ws:
+        for n in ("one", "two", "three"):
+            ask(ws, f"cache {n} {model} {cache}", "cache")
+    one, two, three = (f"cache {n} {model} {cache}" for n in ("one", "two", "three"))
+    body = bedrock.calls_for(three)[0].body
+    expected = text(one, echo(one), two, echo(two), three)
+    if points:
+        expected[-2]["content"].append(CACHE_POINT)
+    assert body["messages"] == expected
+    assert body["system"] == [{"text": "Be brief."}, *([CACHE_POINT] if points else [])]
+    assert json.dumps(body).count("cachePoint") == points <= 4
+
+
+# Bedrock's cache figures reach end.usage exactly (read from Bedrock's usage: langchain-aws reports no cache write
+# when Bedrock adds cacheDetails); input_tokens counts every input token, cached or not. Over a 20-turn
+# conversation, the input billed at full price falls to a fraction (the README's arithmetic, printed here).
+def test_prompt_cache_usage(tmp_path: Path) -> None:
+    fake = FakeBedrock()
+    settings = {"BEDROCK_MODEL_ID": CLAUDE, "SYSTEM_PROMPT": "You are a careful assistant. " * 40, "PROMPT_CACHE": ""}
+    try:
+        with run_server(tmp_path, BEDROCK_ENDPOINT_URL=fake.url, **settings) as server, connect(server.ws_url) as ws:
+            ends = [ask(ws, long_question(i, 800), "cached")[-1] for i in range(20)]
+    finally:
+        fake.close()
+    for end, call in zip(ends, fake.calls, strict=True):
+        read, write = call.usage.get("cacheReadInputTokens", 0), call.usage.get("cacheWriteInputTokens", 0)
+        assert end["usage"] == usage(call.usage["inputTokens"] + read + write, call.usage["outputTokens"], read, write)
+    assert ends[0]["usage"]["cache_write_input_tokens"] > 0 and ends[1]["usage"]["cache_read_input_tokens"] > 0
+    without = sum(estimated_tokens(call.body) for call in fake.calls)  # the same requests with no cache point
+    full = sum(call.usage["inputTokens"] for call in fake.calls)
+    reads = sum(call.usage.get("cacheReadInputTokens", 0) for call in fake.calls)
+    writes = sum(call.usage.get("cacheWriteInputTokens", 0) for call in fake.calls)
+    print(f"20 turns: without caching {without} input tokens at full price; with it {full} at full price, "
+          f"{writes} written to the cache (1.25x), {reads} read from it (0.1x): "
+          f"{(full + 1.25 * writes + 0.1 * reads) / without:.0%} of the cost")  # fmt: skip
+    assert full + writes + reads == without and full < 0.1 * without
+
+
+# GUARDRAIL_ID and GUARDRAIL_VERSION reach Bedrock as guardrailConfig (in the GUARDRAIL_STREAM_MODE); an
+# intervention ends the answer with stop_reason guardrail_intervened and Bedrock's text, recorded as usual.
+@pytest.mark.parametrize("mode", ["", "async"], ids=["sync by default", "async"])
+def test_guardrail(bedrock: FakeBedrock, tmp_path: Path, mode: str) -> None:
+    blocked = ["Sorry,", " I cannot", " help with that."]
+    bedrock.replies[f"something forbidden {mode}"] = Reply(tokens=blocked, stop_reason="guardrail_intervened")
+    settings = {"GUARDRAIL_ID": "gr-abc123", "GUARDRAIL_VERSION": "2", "GUARDRAIL_STREAM_MODE": mode}
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server, connect(server.ws_url) as ws:
+        frames = ask(ws, f"something forbidden {mode}", "guarded")
+        ask(ws, f"and now {mode}", "guarded")
+    assert frames == answer_frames("guarded", blocked, 10, "guardrail_intervened")
+    (call,) = bedrock.calls_for(f"something forbidden {mode}")
+    config = {"guardrailIdentifier": "gr-abc123", "guardrailVersion": "2", "streamProcessingMode": mode or "sync"}
+    assert call.body["guardrailConfig"] == config
+    assert bedrock.calls_for(f"and now {mode}")[0].body["messages"][1] == text("x", "".join(blocked))[1]
+
+
+# GUARDRAIL_ID without GUARDRAIL_VERSION (or the other way round) stops start-up with one line.
+@pytest.mark.parametrize("half", [{"GUARDRAIL_ID": "gr-abc123"}, {"GUARDRAIL_VERSION": "2"}], ids=["id", "version"])
+def test_half_a_guardrail_stops_startup(half: dict[str, str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "chat_stream.py"], cwd=HERE, env=server_env(**half), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert result.stderr == "chat_stream: set both GUARDRAIL_ID and GUARDRAIL_VERSION, or neither\n"
 
 
 # --- many clients at once
