@@ -260,12 +260,16 @@ def test_history_trimmed_in_whole_turns(ws: ClientConnection, bedrock: FakeBedro
     )
 
 
-# An odd MAX_HISTORY_MESSAGES still drops whole turns, so the history sent starts with a question.
+# An odd MAX_HISTORY_MESSAGES still drops whole turns, so the history sent, and kept, starts with a question.
 def test_history_trimmed_with_an_odd_cap(bedrock: FakeBedrock, tmp_path: Path) -> None:
     with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, MAX_HISTORY_MESSAGES=3) as server:
         with connect(server.ws_url) as ws:
             for q in ("odd one", "odd two", "odd three"):
-                ask(ws, q)
+                first = ask(ws, q)[0]
+            assert resume(ws, first)["history"] == [
+                {"role": "user", "text": "odd three"},
+                {"role": "assistant", "text": echo("odd three")},
+            ]
     assert bedrock.calls_for("odd three")[0].body["messages"] == text("odd two", echo("odd two"), "odd three")
 
 
@@ -760,6 +764,20 @@ def test_context_overflow_is_retried_with_half_the_history(overflow: str, tmp_pa
     assert len(refused.body["messages"]) == 9 and refused.usage is None
     assert retried.body["messages"] == text(*[t for q in questions[2:4] for t in (q, echo(q))], questions[4])
     assert fake.calls_for(questions[5])[0].body["messages"][0] == text(questions[2])[0]
+
+
+# A question over MAX_HISTORY_TOKENS on its own still goes, alone: the budget bounds the history sent with it;
+# only the model can say a question is too long.
+def test_question_over_the_budget_still_goes(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    question = "w" * 1000  # 250 estimated tokens
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, MAX_HISTORY_TOKENS=100) as server:
+        with connect(server.ws_url) as ws:
+            ask(ws, "before it", "over")
+            assert ask(ws, question, "over")[-1] == {
+                **answer_frames("over", echo_tokens(question), 10)[-1],
+                "history_trimmed": 1,
+            }
+    assert bedrock.calls_for(question)[0].body["messages"] == text(question)
 
 
 # A question too long for the model on its own gets too_large (after one retry without the history, which is
