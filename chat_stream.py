@@ -11,8 +11,8 @@ Protocol, on ws://HOST:PORT/ws/chat/completions, one JSON text frame per message
                                                                 rejoin a session after a dropped connection
   server -> client   {"type": "start", "session_id", "turn_id", "resume_token"}
                      {"type": "token", "text", "seq"}           zero or more; seq counts 1, 2, 3, ... in a turn
-                     {"type": "end", "session_id", "turn_id", "full_text", "stop_reason",
-                      "usage": {"input_tokens", "output_tokens"}}
+                     {"type": "end", "session_id", "turn_id", "full_text", "stop_reason", "history_trimmed",
+                      "usage": {"input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens"}}
                      or {"type": "error", "session_id"?, "turn_id"?, "code", "message"}
                      {"type": "resumed", "session_id", "history": [{"role", "text"}], "pending": null or
                       {"turn_id", "question"}}, then the pending turn's tokens after `after`, live, and its end
