@@ -106,10 +106,10 @@ class FakeBedrock:
 
     With `context_limit`, a request over that many estimated tokens (see `estimated_tokens`) is refused before its
     stream, as Bedrock refuses a context overflow: HTTP 400 ValidationException with `overflow` as its message.
-    Requests with cache points get Bedrock's cache figures in their usage: a cache read for the longest prefix
-    (ending at any content block) that an earlier request wrote at one of its cache points, a cache write for the
-    rest up to this request's last cache point; inputTokens is what remains, all in estimated tokens. (Bedrock's
-    minimum cacheable prefix is ignored.)
+    Requests with cache points get Bedrock's cache figures in their usage: a cache read for the longest prefix that
+    an earlier request wrote at one of its cache points (Claude finds it at any content block before this request's
+    last cache point, Nova only at a cache point), a cache write for the rest up to the last cache point;
+    inputTokens is what remains, all in estimated tokens. (Bedrock's minimum cacheable prefix is ignored.)
     """
 
     def __init__(self, default: Reply | None = None, context_limit: int | None = None, overflow: str = "") -> None:
@@ -237,7 +237,8 @@ class FakeBedrock:
         usage = {"inputTokens": 10 * len(call.body["messages"]), "outputTokens": len(tokens)}
         prefixes, points = cache_prefixes(call.body)
         if points:  # as Bedrock does: a read of the longest cached prefix, a write up to the last cache point
-            read = max((t for key, t in prefixes[: points[-1] + 1] if key in self.cached), default=0)
+            seen = prefixes[: points[-1] + 1] if "anthropic" in call.path else [prefixes[i] for i in points]
+            read = max((t for key, t in seen if key in self.cached), default=0)
             write = 0 if prefixes[points[-1]][0] in self.cached else prefixes[points[-1]][1] - read
             self.cached |= {prefixes[i][0] for i in points}
             usage = {"inputTokens": estimated_tokens(call.body) - read - write, "outputTokens": len(tokens)}

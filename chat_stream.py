@@ -426,13 +426,15 @@ CACHE_USAGE = ("cache_read_input_tokens", "cache_write_input_tokens")  # Bedrock
 
 
 def add_cache_points(system: list[dict[str, Any]], messages: list[dict[str, Any]]) -> None:
-    """Cache points after the system prompt and after the last completed turn (2 of Bedrock's 4): each turn's
-    request then reads the previous turn's prefix from the cache, and writes its own."""
+    """Cache points after the system prompt and after the last two answers (3 of Bedrock's 4): this request writes
+    the conversation up to its last answer to the cache, and reads what the previous request wrote, up to the answer
+    before. subtle: Nova reads the cache only at cache points; Claude also looks back from them."""
     point = {"cachePoint": {"type": "default"}}
     if system:
         system.append(point)
-    if len(messages) > 1:  # messages[-1] is the question; messages[-2] the last answer
-        messages[-2]["content"].append(point)
+    for message in messages[-4:-1]:  # ..., answer, question, answer, and the question being asked
+        if message["role"] == "assistant":
+            message["content"].append(point)
 
 
 def no_retry_after_timeout(caught_exception: Exception | None = None, **kwargs: Any) -> bool | None:

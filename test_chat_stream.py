@@ -795,11 +795,11 @@ def test_question_too_long_for_the_model(small_model: FakeBedrock, tmp_path: Pat
     assert small_model.calls_for("still fine")[0].body["messages"] == text("still fine")
 
 
-CACHE_MODELS = {"nova": (NOVA, 2), "claude": (CLAUDE, 2), "not cacheable": (UNVERIFIED, 0), "off": (NOVA, 0)}
+CACHE_MODELS = {"nova": (NOVA, 3), "claude": (CLAUDE, 3), "not cacheable": (UNVERIFIED, 0), "off": (NOVA, 0)}
 
 
-# PROMPT_CACHE=auto puts a cache point after the system prompt and after the last completed turn, for models that
-# take them (never more than Bedrock's 4); none for other models, nor with PROMPT_CACHE=off.
+# PROMPT_CACHE=auto puts cache points after the system prompt and after the last two answers, for models that take
+# them (never more than Bedrock's 4); none for other models, nor with PROMPT_CACHE=off.
 @pytest.mark.parametrize("model,points", CACHE_MODELS.values(), ids=CACHE_MODELS.keys())
 def test_prompt_cache_points(bedrock: FakeBedrock, tmp_path: Path, model: str, points: int) -> None:
     cache = "off" if points == 0 and model == NOVA else "auto"
@@ -811,7 +811,8 @@ def test_prompt_cache_points(bedrock: FakeBedrock, tmp_path: Path, model: str, p
     body = bedrock.calls_for(three)[0].body
     expected = text(one, echo(one), two, echo(two), three)
     if points:
-        expected[-2]["content"].append(CACHE_POINT)
+        expected[1]["content"].append(CACHE_POINT)
+        expected[3]["content"].append(CACHE_POINT)
     assert body["messages"] == expected
     assert body["system"] == [{"text": "Be brief."}, *([CACHE_POINT] if points else [])]
     assert json.dumps(body).count("cachePoint") == points <= 4
@@ -819,10 +820,12 @@ def test_prompt_cache_points(bedrock: FakeBedrock, tmp_path: Path, model: str, p
 
 # Bedrock's cache figures reach end.usage exactly (read from Bedrock's usage: langchain-aws reports no cache write
 # when Bedrock adds cacheDetails); input_tokens counts every input token, cached or not. Over a 20-turn
-# conversation, the input billed at full price falls to a fraction (the README's arithmetic, printed here).
-def test_prompt_cache_usage(tmp_path: Path) -> None:
+# conversation, the input billed at full price falls to a fraction, with Claude (which finds cached prefixes before
+# a cache point) and Nova (only at one) alike: the README's arithmetic, printed here.
+@pytest.mark.parametrize("model", [CLAUDE, NOVA], ids=["claude", "nova"])
+def test_prompt_cache_usage(tmp_path: Path, model: str) -> None:
     fake = FakeBedrock()
-    settings = {"BEDROCK_MODEL_ID": CLAUDE, "SYSTEM_PROMPT": "You are a careful assistant. " * 40, "PROMPT_CACHE": ""}
+    settings = {"BEDROCK_MODEL_ID": model, "SYSTEM_PROMPT": "You are a careful assistant. " * 40, "PROMPT_CACHE": ""}
     try:
         with run_server(tmp_path, BEDROCK_ENDPOINT_URL=fake.url, **settings) as server, connect(server.ws_url) as ws:
             ends = [ask(ws, long_question(i, 800), "cached")[-1] for i in range(20)]
@@ -836,10 +839,10 @@ def test_prompt_cache_usage(tmp_path: Path) -> None:
     full = sum(call.usage["inputTokens"] for call in fake.calls)
     reads = sum(call.usage.get("cacheReadInputTokens", 0) for call in fake.calls)
     writes = sum(call.usage.get("cacheWriteInputTokens", 0) for call in fake.calls)
-    print(f"20 turns: without caching {without} input tokens at full price; with it {full} at full price, "
+    print(f"{model}, 20 turns: without caching {without} input tokens at full price; with it {full} at full price, "
           f"{writes} written to the cache (1.25x), {reads} read from it (0.1x): "
           f"{(full + 1.25 * writes + 0.1 * reads) / without:.0%} of the cost")  # fmt: skip
-    assert full + writes + reads == without and full < 0.1 * without
+    assert full + writes + reads == without and (full + 1.25 * writes + 0.1 * reads) / without < 0.3
 
 
 # GUARDRAIL_ID and GUARDRAIL_VERSION reach Bedrock as guardrailConfig (in the GUARDRAIL_STREAM_MODE); an
