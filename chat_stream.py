@@ -507,8 +507,6 @@ def error_code(exc: Exception) -> str:
     return "internal"
 
 
-RESTARTING = "The server is restarting; reconnect and ask again."
-TOO_LONG_FOR_MODEL = "The question is too long for the model, even without the conversation before it."
 CONTEXT_OVERFLOW = re.compile(  # how Bedrock's models say a request is over their context window (ValidationException)
     r"input is too long|prompt is too long|input length and `?max_tokens`? exceed context limit|"
     r"too many total text bytes|input tokens exceeded",
@@ -521,10 +519,12 @@ def overflowed(exc: Exception) -> bool:
     return error.get("Code") == "ValidationException" and bool(CONTEXT_OVERFLOW.search(error.get("Message", "")))
 
 
+# the other refusals' messages, fixed too
+TOO_LONG_FOR_MODEL = "The question is too long for the model, even without the conversation before it."
 IN_USE = "This session is open on another connection; resume it with its resume_token first."
 NOT_FOUND = "No such session: it may have expired, or the resume_token is wrong. Start a new session."
 TOO_MANY_SESSIONS = f"This connection already has {MAX_SESSIONS_PER_CONNECTION} sessions; end one or reconnect."
-ROLES = {"human": "user", "ai": "assistant"}  # LangChain's message types, as the resumed frame names them
+RESTARTING = "The server is restarting; reconnect and ask again."
 
 
 class BadRequest(Exception):
@@ -583,10 +583,9 @@ async def answer(session: Session, turn: Turn) -> None:
         end = {"type": "end", "session_id": session.id, "turn_id": turn.id, "full_text": "".join(turn.tokens)}
         trimmed = held - len(turn.context) // 2  # turns left out, by the budget or the overflow
         turn.final = {**end, "stop_reason": stop_reason, "usage": usage, "history_trimmed": trimmed}
-    elif outcome == "too_large":
-        turn.final = {**error_frame(outcome, TOO_LONG_FOR_MODEL, session.id), "turn_id": turn.id}
     else:
-        turn.final = {**error_frame(outcome, session_id=session.id), "turn_id": turn.id}
+        message = TOO_LONG_FOR_MODEL if outcome == "too_large" else None
+        turn.final = {**error_frame(outcome, message, session.id), "turn_id": turn.id}
     turn.changed.set()
 
 
@@ -741,6 +740,9 @@ def start_turn(ws: WebSocket, session: Session, question: str) -> asyncio.Task[N
     turn.task.add_done_callback(STREAMS.discard)
     start = {"type": "start", "session_id": session.id, "turn_id": turn.id, "resume_token": session.resume_token}
     return asyncio.create_task(deliver(ws, session, turn, 0, start))
+
+
+ROLES = {"human": "user", "ai": "assistant"}  # LangChain's message types, as the resumed frame names them
 
 
 async def resume(ws: WebSocket, session: Session, turn_id: str | None, after: int) -> asyncio.Task[None] | None:
