@@ -966,6 +966,8 @@ function connect() {
       if (answer && !answer.textContent) answer.remove();
       if (frame.type === "error") show("error", `${frame.message} (${frame.code})`);
       else if (frame.stop_reason === "cancelled") show("note", "Stopped.");
+      if (frame.history_trimmed)  // the model no longer sees the start of the conversation: say so
+        show("note", `The model no longer sees the ${frame.history_trimmed} oldest exchange(s) of this conversation.`);
       answer = null;
       setStreaming(false);
     }

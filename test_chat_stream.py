@@ -2258,6 +2258,23 @@ def test_page_resumes_after_a_refresh(page: Any, resumable: Server, bedrock: Fak
     assert len(bedrock.calls_for("page refresh")) == 1
 
 
+# When a request leaves earlier turns out (the context budget), the page says so under the answer.
+@needs_chromium
+def test_page_says_history_was_trimmed(page: Any, bedrock: FakeBedrock, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, MAX_HISTORY_TOKENS=40) as server:  # one turn: 32
+        page.goto(server.http + "/")
+        expect(page.locator("#state")).to_have_text("connected")
+        for question in ("a question long enough to fill the budget", "and another one, just as long as the first"):
+            page.locator("#question").fill(question)
+            page.keyboard.press("Enter")
+            expect(page.locator(".bot").last).to_have_text(echo(question))
+        expect(page.locator(".note")).to_have_text(
+            ["The model no longer sees the 1 oldest exchange(s) of this conversation."]
+        )
+
+
 # With CHAT_API_KEY set, /?token=<key> makes the page pass the key on its handshake; the page holds no secret.
 @needs_chromium
 def test_page_passes_token(page: Any, guarded: Server) -> None:
