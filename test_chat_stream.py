@@ -1376,7 +1376,7 @@ def test_drops_at_random_moments(resumable: Server, bedrock: FakeBedrock) -> Non
         bedrock.replies[question] = Reply(tokens=[f" u{i}.{n}" for n in range(100)], delay=0.005)
         start, first = None, json.dumps({"question": question})
         while True:
-            async with websockets.connect(resumable.ws_url) as ws:
+            async with websockets.connect(resumable.ws_url, max_queue=None) as ws:  # no backpressure: close at once
                 await ws.send(first)
                 for _ in range(rng.randrange(start is None, 16)):  # the start frame, at least
                     frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
