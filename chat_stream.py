@@ -232,7 +232,7 @@ class Session:
     timers: list[asyncio.TimerHandle] = field(default_factory=list)  # while detached: grace, then expiry
 
 
-SESSIONS: dict[str, Session] = {}  # at most MAX_SESSIONS; leave on end_session, on expiry, or when evicted
+SESSIONS: dict[str, Session] = {}  # at most MAX_SESSIONS; leave on end_session, expiry (SESSION_TTL) or eviction
 DETACHED: dict[str, Session] = {}  # the sessions with no connection, least recently detached first
 CONNECTIONS: dict[WebSocket, asyncio.Task[None] | None] = {}  # open chat sockets and the turn each is sending
 # (None: idle), at most MAX_CONNECTIONS; each leaves in its handler's `finally`
