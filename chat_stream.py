@@ -273,17 +273,21 @@ def detach(session: Session) -> None:
     session.timers.append(loop.call_later(SESSION_TTL, drop, session))
     if (turn := session.pending) and turn.task in STREAMS:
         turn.room.set()  # nobody reads now: the answer runs to its end (or to the grace), kept for a resume
-        session.timers.append(loop.call_later(RESUME_GRACE, turn.task.cancel, "cancel"))  # ends as a cancel does
+        session.timers.append(loop.call_later(RESUME_GRACE, stop, session))
+
+
+def stop(session: Session) -> bool:
+    """End the answer the session is streaming as a cancel does (its end frame still comes); False if none is."""
+    if (turn := session.pending) and turn.task in STREAMS and not turn.task.cancelling():
+        turn.task.cancel("cancel")
+        return True
+    return False
 
 
 def make_room() -> bool:
     """MAX_CONCURRENT_STREAMS are open: stop the answer that has waited longest for a resume, if there is one, so
     that clients who ask and leave cannot lock out those who stay. It ends as at RESUME_GRACE."""
-    for session in DETACHED.values():
-        if (turn := session.pending) and turn.task in STREAMS and not turn.task.cancelling():
-            turn.task.cancel("cancel")
-            return True
-    return False
+    return any(stop(session) for session in DETACHED.values())
 
 
 def drop(session: Session) -> None:
@@ -770,7 +774,7 @@ async def chat(ws: WebSocket) -> None:
         return
     CONNECTIONS[ws] = None
     held: list[Session] = []  # the sessions this connection attached (another may have taken one over since)
-    sending, live = None, None  # the task that sends this connection's turn (`deliver`), and that turn
+    sending: asyncio.Task[None] | None = None  # `deliver` of the turn this connection streams
     try:
         await ws.accept()
         while (message := await ws.receive())["type"] != "websocket.disconnect":
@@ -783,13 +787,14 @@ async def chat(ws: WebSocket) -> None:
             kind, session_id = request["type"], request.get("session_id")
             session = SESSIONS.get(session_id)
             streaming = sending is not None and not sending.done()
-            if kind == "cancel" or kind == "end_session":
-                if kind == "end_session" and session is not None and session.owner is not ws:
+            if kind == "cancel":
+                for mine in held:  # one of them streams at most: its end frame holds what was read
+                    stop(mine)
+            elif kind == "end_session":
+                if session is not None and session.owner is not ws:
                     await send(ws, error_frame("session_in_use", IN_USE, session_id))
-                    continue
-                if streaming and live.task in STREAMS and (kind == "cancel" or session and live is session.pending):
-                    live.task.cancel("cancel")  # the answer ends with its end frame, holding what was read
-                if kind == "end_session" and session is not None:
+                elif session is not None:  # an unknown one is ignored
+                    stop(session)  # its end frame still comes
                     drop(session)
             elif DRAINING.is_set():
                 await send(ws, error_frame("unavailable", RESTARTING, session_id))  # before busy: reconnect elsewhere
@@ -804,7 +809,6 @@ async def chat(ws: WebSocket) -> None:
                 else:
                     held = [*held, session] if session not in held else held
                     sending = CONNECTIONS[ws] = await resume(ws, session, request["turn_id"], request["after"])
-                    live = session.pending
             elif session is not None and session.owner is not ws:
                 await send(ws, error_frame("session_in_use", IN_USE, session_id))
             elif session is None and len(held) >= MAX_SESSIONS_PER_CONNECTION:
@@ -816,7 +820,6 @@ async def chat(ws: WebSocket) -> None:
             else:
                 held = [*held, session] if session not in held else held
                 sending = CONNECTIONS[ws] = start_turn(ws, session, request["question"])
-                live = session.pending
     finally:
         if sending:
             sending.cancel()
@@ -1131,14 +1134,13 @@ async def drain() -> None:
 
     async def finish(ws: WebSocket, sending: asyncio.Task[None] | None) -> None:
         if sending is not None:
-            done, _ = await asyncio.wait([sending], timeout=DRAIN_TIMEOUT)  # all start now: one deadline for all
-            if not done:
-                for task in STREAMS:
-                    task.cancel()  # the deadline: every Bedrock stream still open is closed
-                sending.cancel()
+            await asyncio.wait([sending], timeout=DRAIN_TIMEOUT)  # all start now: one deadline for all
+            sending.cancel()  # a no-op when its answer was delivered
         await ws.close(1012)  # service restart: reconnect
 
     await asyncio.gather(*(finish(ws, task) for ws, task in list(CONNECTIONS.items())), return_exceptions=True)
+    for task in list(STREAMS):
+        task.cancel()  # cut what is left: answers past the deadline, or whose client left during the drain
     await asyncio.gather(*STREAMS, return_exceptions=True)
 
 
