@@ -773,7 +773,7 @@ async def chat(ws: WebSocket) -> None:
         await ws.send_denial_response(PlainTextResponse(f"Refused: {reason}; try again shortly.", 503))
         return
     CONNECTIONS[ws] = None
-    held: list[Session] = []  # the sessions this connection attached (another may have taken one over since)
+    held: set[Session] = set()  # the sessions this connection attached (another may have taken one over since)
     sending: asyncio.Task[None] | None = None  # `deliver` of the turn this connection streams
     try:
         await ws.accept()
@@ -783,7 +783,7 @@ async def chat(ws: WebSocket) -> None:
             except BadRequest as bad:
                 await send(ws, bad.frame)
                 continue
-            held = [s for s in held if s.owner is ws and SESSIONS.get(s.id) is s]
+            held = {s for s in held if s.owner is ws and SESSIONS.get(s.id) is s}
             kind, session_id = request["type"], request.get("session_id")
             session = SESSIONS.get(session_id)
             streaming = sending is not None and not sending.done()
@@ -807,7 +807,7 @@ async def chat(ws: WebSocket) -> None:
                 elif session.owner is not ws and len(held) >= MAX_SESSIONS_PER_CONNECTION:
                     await send(ws, error_frame("too_large", TOO_MANY_SESSIONS, session_id))
                 else:
-                    held = [*held, session] if session not in held else held
+                    held.add(session)
                     sending = CONNECTIONS[ws] = await resume(ws, session, request["turn_id"], request["after"])
             elif session is not None and session.owner is not ws:
                 await send(ws, error_frame("session_in_use", IN_USE, session_id))
@@ -818,7 +818,7 @@ async def chat(ws: WebSocket) -> None:
             elif session is None and (session := new_session(session_id, ws)) is None:
                 await send(ws, error_frame("busy", f"{MAX_SESSIONS=} are all in use; try again later.", session_id))
             else:
-                held = [*held, session] if session not in held else held
+                held.add(session)
                 sending = CONNECTIONS[ws] = start_turn(ws, session, request["question"])
     finally:
         if sending:
