@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import struct
+import subprocess
 import threading
 import time
 import zlib
@@ -325,6 +326,12 @@ SETTINGS = [
     "SESSION_TTL",
     "RESUME_GRACE",
     "MAX_SESSIONS",
+    "REDIS_URL",
+    "PROMPT_CACHE",
+    "GUARDRAIL_ID",
+    "GUARDRAIL_VERSION",
+    "GUARDRAIL_STREAM_MODE",
+    "BEDROCK_PROVIDER",
 ]
 
 
@@ -337,6 +344,37 @@ def server_env(**settings: Any) -> dict[str, str]:
     env |= {"AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard", "PYTHONUNBUFFERED": "1"}
     env |= {k: str(v) for k, v in settings.items()}
     return {k: v for k, v in env.items() if settings.get(k, "") is not None}
+
+
+class RedisServer:
+    """A real redis-server (Debian's package) on a free loopback port, without persistence, as a shared store for
+    chat_stream.py processes; stop() and start() it again on the same port (it then holds nothing)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        wait_for(self.answers, 10, "redis-server to start")
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16) == b"+PONG\r\n"
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def close(self) -> None:
+        self.stop()
 
 
 def healthy(http: str) -> bool:

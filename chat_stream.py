@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gc
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -48,6 +50,8 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
+import redis
+import redis.asyncio
 import uvicorn
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
@@ -78,6 +82,9 @@ from langchain_core.messages import (
 from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import model_validator
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -150,6 +157,15 @@ def hosts(raw: str) -> list[str]:
     return names
 
 
+def redis_url(raw: str) -> str:
+    if urlsplit(raw).scheme not in ("redis", "rediss"):
+        raise ValueError(raw)
+    return raw
+
+
+redis_url.__name__ = "a redis:// or rediss:// URL"
+
+
 def loopback_and(host: str) -> list[str]:
     """The loopback names, and `host` too when it is a name rather than an address."""
     loopback = ["127.0.0.1", "localhost", "[::1]"]
@@ -170,7 +186,7 @@ MAX_TOKENS = setting("MAX_TOKENS", positive_int, 4096)  # cap on answer length; 
 SYSTEM_PROMPT = setting("SYSTEM_PROMPT", str, None)  # sent first in every request
 HOST = setting("HOST", str, "127.0.0.1")  # where `python chat_stream.py` listens
 PORT = setting("PORT", positive_int, 8000)
-WORKERS = setting("WORKERS", positive_int, 1)  # uvicorn worker processes; sessions never cross them
+WORKERS = setting("WORKERS", positive_int, 1)  # uvicorn worker processes; sessions cross them with REDIS_URL only
 STREAM_TIMEOUT = setting("STREAM_TIMEOUT", positive_number, 60.0)  # seconds Bedrock may stay silent: "timeout"
 MAX_CONCURRENT_STREAMS = setting("MAX_CONCURRENT_STREAMS", positive_int, 256)  # per process; over it: "busy"
 MAX_QUESTION_CHARS = setting("MAX_QUESTION_CHARS", positive_int, 32000)  # longer questions: "too_large"
@@ -191,6 +207,7 @@ DRAIN_TIMEOUT = setting("DRAIN_TIMEOUT", positive_number, 20.0)  # seconds SIGTE
 SESSION_TTL = setting("SESSION_TTL", seconds, 900.0)  # seconds a session outlives its connection; 0 = dies with it
 RESUME_GRACE = min(setting("RESUME_GRACE", seconds, 30.0), SESSION_TTL)  # seconds an answer streams on, unread
 MAX_SESSIONS = setting("MAX_SESSIONS", positive_int, 10_000)  # per process; when full the oldest detached one goes
+REDIS_URL = setting("REDIS_URL", redis_url, None)  # sessions shared by processes and replicas; unset: this process
 MAX_FRAMES_PER_SECOND = setting("MAX_FRAMES_PER_SECOND", positive_int, 20)  # per connection; over it: close 1008
 MAX_SESSION_ID_CHARS = 128
 MAX_FRAME_BYTES = 12 * (MAX_QUESTION_CHARS + MAX_SESSION_ID_CHARS) + 1024  # larger: closed with 1009 by uvicorn
@@ -204,6 +221,9 @@ log = logging.getLogger("uvicorn.error.chat_stream")  # subtle: a child of uvico
 
 # --- sessions: each conversation, its resume token and its answer in flight; what the process holds, bounded
 
+PROCESS = secrets.token_hex(6)  # this process, as the others that share a store name it
+CLAIMS = itertools.count(1)  # numbers each hold a connection here takes on a session
+
 
 @dataclass(eq=False)
 class Turn:
@@ -212,12 +232,14 @@ class Turn:
 
     id: str
     question: str
+    producer: str | None = None  # the process reading it from Bedrock, when not this one (see RedisStore.follow)
     tokens: list[str] = field(default_factory=list)  # every token so far
     context: list[BaseMessage] = field(default_factory=list)  # the history sent with the question
     first_token_at: float | None = None  # time.perf_counter() when the first token arrived
     final: dict[str, Any] | None = None  # its end or error frame, once the answer is over
     sent: int = 0  # tokens handed to the attached connection
-    task: asyncio.Task[None] | None = None  # the answer (see `answer`), reading Bedrock
+    shared: int = 0  # tokens written to the store
+    task: asyncio.Task[None] | None = None  # the answer (see `answer`), reading Bedrock; or following another process
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # a token or the final frame arrived
     room: asyncio.Event = field(default_factory=asyncio.Event)  # the connection caught up (see WINDOW)
 
@@ -230,6 +252,7 @@ class Session:
     history: list[BaseMessage] = field(default_factory=list)  # whole user/assistant turns, oldest first
     pending: Turn | None = None  # the turn whose final frame has not been delivered
     timers: list[asyncio.TimerHandle] = field(default_factory=list)  # while detached: grace, then expiry
+    claim: str = field(default_factory=lambda: f"{PROCESS}.{next(CLAIMS)}")  # this hold on it, in a shared store
 
 
 SESSIONS: dict[str, Session] = {}  # at most MAX_SESSIONS; leave on end_session, expiry (SESSION_TTL) or eviction
@@ -238,16 +261,26 @@ CONNECTIONS: dict[WebSocket, asyncio.Task[None] | None] = {}  # open chat socket
 # (None: idle), at most MAX_CONNECTIONS; each leaves in its handler's `finally`
 STREAMS: set[asyncio.Task[None]] = set()  # answers whose Bedrock stream is open; at most MAX_CONCURRENT_STREAMS
 # (an answer being stopped to make room may hold its place a moment longer)
+BACKGROUND: set[asyncio.Task[Any]] = set()  # small tasks nobody awaits (grace checks, notices), until they end
 DRAINING = asyncio.Event()  # set on SIGTERM: /healthz says 503, no new handshake or question, answers finish
 WINDOW = 64  # tokens an answer may read ahead of a connection that reads slowly; then Bedrock's stream waits
 
 
+def admit() -> bool:
+    """Room for one more session: when MAX_SESSIONS are held, the least recently detached one goes (a shared store
+    keeps it); False if they are all attached."""
+    if len(SESSIONS) < MAX_SESSIONS:
+        return True
+    if not DETACHED:
+        return False
+    drop(next(iter(DETACHED.values())))
+    return True
+
+
 def new_session(session_id: str | None, ws: WebSocket) -> Session | None:
     """A session attached to `ws` (an id is minted if the client gave none); None if MAX_SESSIONS are all attached."""
-    if len(SESSIONS) >= MAX_SESSIONS:
-        if not DETACHED:
-            return None
-        drop(next(iter(DETACHED.values())))  # the least recently used detached session makes room
+    if not admit():
+        return None
     session = Session(session_id or secrets.token_urlsafe(16), ws)
     SESSIONS[session.id] = session
     return session
@@ -273,12 +306,46 @@ def detach(session: Session) -> None:
     session.timers.append(loop.call_later(SESSION_TTL, drop, session))
     if (turn := session.pending) and turn.task in STREAMS:
         turn.room.set()  # nobody reads now: the answer runs to its end (or to the grace), kept for a resume
-        session.timers.append(loop.call_later(RESUME_GRACE, stop, session))
+        session.timers.append(loop.call_later(RESUME_GRACE, grace, session))
+
+
+def let_go(session: Session, answer_goes_on: bool) -> None:
+    """A resume took the session over into a new copy (see RedisStore.claim): forget this one. Its answer goes on
+    for the new copy, or (`answer_goes_on`) for a reader in another process while one holds the session."""
+    if SESSIONS.get(session.id) is session:
+        del SESSIONS[session.id]
+    if DETACHED.get(session.id) is session:
+        del DETACHED[session.id]
+    session.owner = None
+    for timer in session.timers:
+        timer.cancel()
+    session.timers.clear()
+    if answer_goes_on and (turn := session.pending) and turn.task in STREAMS:
+        turn.room.set()
+        session.timers.append(asyncio.get_running_loop().call_later(RESUME_GRACE, grace, session))
+
+
+def grace(session: Session) -> None:
+    """RESUME_GRACE passed with no connection here to read the answer: stop it, unless a connection in another
+    process holds the session (then look again after another RESUME_GRACE)."""
+
+    async def check() -> None:
+        elsewhere = await STORE.read_elsewhere(session)
+        if not session.timers:  # attached again meanwhile
+            return
+        if elsewhere:
+            session.timers.append(asyncio.get_running_loop().call_later(RESUME_GRACE, grace, session))
+        else:
+            stop(session)
+
+    background(check())
 
 
 def stop(session: Session) -> bool:
-    """End the answer the session is streaming as a cancel does (its end frame still comes); False if none is."""
-    if (turn := session.pending) and turn.task in STREAMS and not turn.task.cancelling():
+    """End the answer the session is streaming as a cancel does (its end frame still comes); False if none is here."""
+    if (turn := session.pending) and turn.producer and turn.final is None:
+        STORE.cancel(turn)  # another process reads it: its end frame comes through the store
+    elif turn and turn.task in STREAMS and not turn.task.cancelling():
         turn.task.cancel("cancel")
         return True
     return False
@@ -291,13 +358,353 @@ def make_room() -> bool:
 
 
 def drop(session: Session) -> None:
-    """Forget the session now; an answer it still streams is stopped."""
+    """Forget the session here now; an answer it still reads is stopped (a shared store keeps the session)."""
     SESSIONS.pop(session.id, None)
     DETACHED.pop(session.id, None)
     for timer in session.timers:
         timer.cancel()
-    if session.pending and session.pending.task and not session.pending.task.cancelling():
+    if session.pending and session.pending.task in STREAMS and not session.pending.task.cancelling():
         session.pending.task.cancel()  # subtle: not when a cancel is on its way already, which would lose its reason
+
+
+def background(coroutine: Any) -> None:
+    task = asyncio.create_task(coroutine)
+    BACKGROUND.add(task)
+    task.add_done_callback(BACKGROUND.discard)
+
+
+# --- the store: where sessions live for other processes. In-process by default (nothing is shared); in Redis with
+# REDIS_URL, method for method, so that any process or replica can take a session over
+
+
+class Store:
+    """Sessions in this process only: SESSIONS is the whole store, and there is nothing to share."""
+
+    shared = False  # sessions live beyond this process
+    healthy = True  # the store answers (/healthz says 503 when not)
+
+    async def open(self) -> None:
+        """At start-up: reach the store, or raise."""
+
+    async def close(self) -> None:
+        """At shutdown, after the drain: write what is left."""
+
+    async def begin(self, session: Session, turn: Turn) -> bool:
+        """Record the session and its new pending turn before the answer starts; False if another connection holds
+        the session (a new session: if it exists already)."""
+        return True
+
+    def record(self, turn: Turn) -> None:
+        """A token, or the final frame, of an answer read here arrived (batched: this never waits)."""
+
+    def cancel(self, turn: Turn) -> None:
+        """Stop an answer another process reads."""
+
+    def settle(self, session: Session, turn: Turn) -> None:
+        """`turn` was delivered, and settle() made the history `session.history` (this never waits)."""
+
+    async def claim(self, session_id: str, token: str, ws: WebSocket) -> Session | None:
+        """The session for a resume that gives `token`, to attach to `ws`; None for a wrong token or no session."""
+        session = SESSIONS.get(session_id)
+        if session is None or not hmac.compare_digest(digest(token), digest(session.resume_token)):
+            return None
+        return session
+
+    async def release(self, session: Session) -> None:
+        """Its connection closed (detach() ran): its SESSION_TTL starts."""
+
+    async def forget(self, session: Session) -> None:
+        """end_session: the session goes now."""
+
+    async def exists(self, session_id: str) -> bool:
+        """A session this process does not hold exists elsewhere."""
+        return False
+
+    async def read_elsewhere(self, session: Session) -> bool:
+        """A connection in another process holds the session, and reads its answer from the store."""
+        return False
+
+
+def digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode(errors="surrogatepass")).digest()  # subtle: a client may send lone surrogates
+
+
+def milliseconds(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+class RedisStore(Store):
+    """Sessions in Redis (or Valkey, ElastiCache, MemoryDB), shared by every process with the same REDIS_URL. Keys:
+
+      chat:session:{session_id}  hash: token (SHA-256 of the resume token), history (JSON), owner (the claim of the
+                                 connection holding it, "" while none does), turn and question (the pending turn)
+      chat:turn:{turn_id}        stream: the answer's tokens in batches {s: first seq, t: JSON list}, then its
+                                 final frame {f: JSON, k: how many history messages were sent with the question}
+      chat:process:{process}     set: "." and the turns the process reads now; it lives LEASE unless renewed, so a
+                                 process that dies frees its sessions and its turns
+
+    A session's key expires SESSION_TTL after its connection closed, and 60 s later than that while one holds it; a
+    turn's, SESSION_TTL + 60 s after its last write (and at once when delivered). A resume that takes a session from
+    a connection publishes [session_id, claim] on chat:moved; a cancel of an answer read elsewhere, its turn_id on
+    chat:cancel. Each process writes what it reads from Bedrock in one pipeline every FLUSH_EVERY, from one task.
+    """
+
+    shared = True
+    FLUSH_EVERY = 0.02  # seconds tokens gather before they are written
+    LEASE = 3.0  # seconds a process counts as alive after its last heartbeat (one a second)
+    BEGIN = """
+        local owner = redis.call('HGET', KEYS[1], 'owner')
+        if owner and owner ~= ARGV[1] then return 0 end
+        redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'token', ARGV[2], 'history', ARGV[3], 'turn', ARGV[4],
+                   'question', ARGV[5], 'producer', ARGV[8])
+        redis.call('PEXPIRE', KEYS[1], ARGV[6])
+        redis.call('SADD', KEYS[2], '.', ARGV[4])
+        redis.call('PEXPIRE', KEYS[2], ARGV[7])
+        return 1"""
+    CLAIM = """
+        local session = redis.call('HMGET', KEYS[1], 'token', 'owner', 'history', 'turn', 'question', 'producer')
+        if session[1] ~= ARGV[2] then return false end
+        redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+        redis.call('PEXPIRE', KEYS[1], ARGV[3])
+        if session[2] ~= '' then redis.call('PUBLISH', 'chat:moved', cjson.encode({ARGV[4], session[2]})) end
+        return session"""
+    SETTLE = """
+        if redis.call('HGET', KEYS[1], 'turn') ~= ARGV[1] then return 0 end
+        redis.call('HSET', KEYS[1], 'turn', '', 'question', '', 'history', ARGV[2])
+        redis.call('PEXPIRE', KEYS[1], ARGV[3])
+        redis.call('DEL', KEYS[2])
+        return 1"""
+    RELEASE = """
+        if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+        redis.call('HSET', KEYS[1], 'owner', '')
+        return redis.call('PEXPIRE', KEYS[1], ARGV[2])"""  # subtle: PEXPIRE 0 deletes it (SESSION_TTL=0)
+    FORGET = """
+        if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+        return 0"""
+
+    def __init__(self, url: str) -> None:
+        pool = redis.asyncio.BlockingConnectionPool.from_url(  # subtle: a full ConnectionPool raises; this one waits
+            url,
+            max_connections=MAX_CONNECTIONS + 16,  # a follower each at most (blocking reads), and a few more
+            timeout=5,  # seconds to wait for a connection from the pool
+            socket_connect_timeout=2,
+            socket_timeout=5,  # longer than a follower's blocking read (1 s)
+            retry=Retry(NoBackoff(), 1),  # once, at once: a connection Redis closed is reopened; then "unavailable"
+        )
+        self.redis = redis.asyncio.Redis(connection_pool=pool)
+        self.scripts = {name: self.redis.register_script(getattr(self, name)) for name in ("BEGIN", "CLAIM")}
+        self.scripts |= {name: self.redis.register_script(getattr(self, name)) for name in ("SETTLE", "RELEASE")}
+        self.scripts["FORGET"] = self.redis.register_script(self.FORGET)
+        self.process = f"chat:process:{PROCESS}"
+        self.held_ttl = milliseconds(SESSION_TTL + 60)
+        self.live: set[Turn] = set()  # the turns this process reads whose final frame is not written yet
+        self.dirty: set[Turn] = set()  # the turns with tokens or a final frame to write
+        self.wake = asyncio.Event()  # something to write
+        self.beat_at = 0.0  # when the process's key is renewed next (loop time)
+        self.tasks: set[asyncio.Task[None]] = set()  # the writer, the listener, and a follower per resumed turn
+
+    def session_key(self, session_id: str) -> str:
+        return f"chat:session:{session_id}"
+
+    def turn_key(self, turn_id: str) -> str:
+        return f"chat:turn:{turn_id}"
+
+    def run(self, coroutine: Any) -> asyncio.Task[None]:
+        task = asyncio.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def open(self) -> None:
+        await self.redis.ping()
+        self.run(self.write())
+        self.run(self.listen())
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        try:
+            await self.flush(beat=False)
+            await self.redis.delete(self.process)  # its turns are over: followers elsewhere know it at once
+        except RedisError as exc:
+            log.warning("could not write the last answers to Redis at shutdown: %s", exc)
+        await self.redis.aclose()
+
+    async def begin(self, session: Session, turn: Turn) -> bool:
+        history = json.dumps([[m.type, m.text] for m in session.history], ensure_ascii=False)
+        keys = [self.session_key(session.id), self.process]
+        args = [session.claim, digest(session.resume_token), history, turn.id, turn.question, self.held_ttl]
+        if not await self.scripts["BEGIN"](keys, [*args, milliseconds(self.LEASE), PROCESS]):
+            return False
+        self.live.add(turn)
+        return True
+
+    def record(self, turn: Turn) -> None:
+        self.dirty.add(turn)
+        self.wake.set()
+
+    def cancel(self, turn: Turn) -> None:
+        background(self.notify("chat:cancel", turn.id))
+
+    async def notify(self, channel: str, message: str) -> None:
+        try:
+            await self.redis.publish(channel, message)
+        except RedisError as exc:
+            log.warning("could not publish on %s: %s", channel, exc)
+
+    def settle(self, session: Session, turn: Turn) -> None:
+        history = json.dumps([[m.type, m.text] for m in session.history], ensure_ascii=False)
+        keys = [self.session_key(session.id), self.turn_key(turn.id)]
+        background(self.run_script("SETTLE", keys, [turn.id, history, self.held_ttl]))
+
+    async def run_script(self, name: str, keys: list[str], args: list[Any]) -> None:
+        """A write nobody waits for; if it fails, the next question writes the session whole again."""
+        try:
+            await self.scripts[name](keys, args)
+        except RedisError as exc:
+            log.warning("could not write to Redis (%s): %s", name, exc)
+
+    async def claim(self, session_id: str, token: str, ws: WebSocket) -> Session | None:
+        old = SESSIONS.get(session_id)
+        if old is None and not admit():
+            raise BadRequest("busy", f"{MAX_SESSIONS=} are all in use; try again later.", session_id)
+        session = Session(session_id, ws, token)
+        args = [session.claim, digest(token), self.held_ttl, session_id]
+        if not (saved := await self.scripts["CLAIM"]([self.session_key(session_id)], args)):
+            return None
+        history, turn_id, question, producer = (value.decode() for value in saved[2:])
+        session.history = [MESSAGES[kind](text) for kind, text in json.loads(history)]
+        if old and old.pending and old.pending.id == turn_id:
+            session.pending = old.pending  # read here: delivered from memory
+        elif turn_id:
+            session.pending = await self.follow(session, Turn(turn_id, question, producer))
+        if old:
+            let_go(old, answer_goes_on=False)
+        SESSIONS[session_id] = session
+        return session
+
+    async def release(self, session: Session) -> None:
+        await self.scripts["RELEASE"]([self.session_key(session.id)], [session.claim, milliseconds(SESSION_TTL)])
+
+    async def forget(self, session: Session) -> None:
+        await self.scripts["FORGET"]([self.session_key(session.id)], [session.claim])
+
+    async def exists(self, session_id: str) -> bool:
+        return bool(await self.redis.exists(self.session_key(session_id)))
+
+    async def read_elsewhere(self, session: Session) -> bool:
+        try:
+            owner = (await self.redis.hget(self.session_key(session.id), "owner") or b"").decode()
+            if not owner or owner == session.claim:
+                return False
+            return bool(await self.redis.exists(f"chat:process:{owner.partition('.')[0]}"))
+        except RedisError:
+            return False
+
+    async def write(self) -> None:
+        """The one task that writes what this process reads: new tokens and final frames every FLUSH_EVERY (when
+        there are any), and the process's heartbeat every second."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), 1)
+            await asyncio.sleep(self.FLUSH_EVERY)
+            self.wake.clear()
+            beat, now = False, asyncio.get_running_loop().time()
+            if now >= self.beat_at:
+                beat, self.beat_at = True, now + 1
+            with contextlib.suppress(RedisError):
+                await self.flush(beat)
+
+    async def flush(self, beat: bool) -> None:
+        turns, self.dirty = self.dirty, set()
+        written = {turn: (len(turn.tokens), turn.final) for turn in turns}
+        pipe = self.redis.pipeline(transaction=False)
+        for turn, (count, final) in written.items():
+            key = self.turn_key(turn.id)
+            if turn.shared < count:
+                batch = json.dumps(turn.tokens[turn.shared : count], ensure_ascii=False)
+                pipe.xadd(key, {"s": turn.shared + 1, "t": batch})
+            if final is not None:
+                pipe.xadd(key, {"f": json.dumps(final, ensure_ascii=False), "k": len(turn.context)})
+                pipe.srem(self.process, turn.id)
+            pipe.pexpire(key, self.held_ttl)
+        if beat:  # subtle: after the SREMs above, so that a turn this pipeline ends is not counted alive again
+            pipe.sadd(self.process, ".", *(t.id for t in self.live if written.get(t, (0, None))[1] is None))
+            pipe.pexpire(self.process, milliseconds(self.LEASE))
+        try:
+            await pipe.execute()
+        except RedisError:
+            self.healthy = False
+            self.dirty |= turns  # written again, whole, next time: a follower counts each seq once
+            raise
+        self.healthy = True
+        for turn, (count, final) in written.items():
+            turn.shared = count
+            if final is not None:
+                self.live.discard(turn)
+
+    async def follow(self, session: Session, turn: Turn) -> Turn:
+        """A turn that another process reads (or read): what was written so far, then a task that follows it."""
+        entries = await self.redis.xrange(self.turn_key(turn.id))
+        last = self.apply(session, turn, entries) if entries else b"0-0"
+        if turn.final is None:
+            turn.task = self.run(self.tail(session, turn, last))
+        return turn
+
+    def apply(self, session: Session, turn: Turn, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> bytes:
+        for _, data in entries:
+            if turn.final is not None:
+                break
+            if b"t" in data:
+                first, tokens = int(data[b"s"]), json.loads(data[b"t"])
+                turn.tokens.extend(tokens[len(turn.tokens) + 1 - first :])  # a batch written twice counts once
+            else:
+                turn.final, kept = json.loads(data[b"f"]), int(data[b"k"])
+                turn.context = session.history[len(session.history) - kept :]
+        turn.changed.set()
+        return entries[-1][0]
+
+    async def tail(self, session: Session, turn: Turn, last: bytes) -> None:
+        """Follow the turn to its final frame. If its process dies first (its key is gone, and no frame came for two
+        seconds), the turn ends as unavailable."""
+        key, misses = self.turn_key(turn.id), 0
+        try:
+            while turn.final is None:
+                if reply := await self.redis.xread({key: last}, block=1000):
+                    last, misses = self.apply(session, turn, reply[0][1]), 0
+                elif not await self.redis.sismember(f"chat:process:{turn.producer}", turn.id):
+                    misses += 1  # subtle: twice, as a final frame written just after the read is then read
+                    if misses == 2:
+                        turn.final = {**error_frame("unavailable", PRODUCER_GONE, session.id), "turn_id": turn.id}
+        except RedisError as exc:
+            log.warning("lost the answer turn=%s from Redis: %s", turn.id, exc)
+            turn.final = {**error_frame("unavailable", STORE_DOWN, session.id), "turn_id": turn.id}
+        turn.changed.set()
+
+    async def listen(self) -> None:
+        """Notices from other processes: a resume took a session held here; a client cancelled an answer read here."""
+        while True:
+            try:
+                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe("chat:moved", "chat:cancel")
+                    async for message in pubsub.listen():
+                        self.notice(message["channel"].decode(), message["data"].decode())
+            except RedisError:
+                await asyncio.sleep(1)  # Redis is away (/healthz says so): listen again when it is back
+
+    def notice(self, channel: str, data: str) -> None:
+        if channel == "chat:moved":
+            session_id, claim = json.loads(data)
+            if (session := SESSIONS.get(session_id)) and session.claim == claim:
+                let_go(session, answer_goes_on=True)  # its connection's next question: session_in_use
+        else:
+            for task in STREAMS:
+                if task.get_name() == data and not task.cancelling():
+                    task.cancel("cancel")
+
+
+STORE = RedisStore(REDIS_URL) if REDIS_URL else Store()
 
 
 # --- the model: LangChain's interface (messages in, AIMessageChunks out) over native async I/O
@@ -529,6 +936,9 @@ IN_USE = "This session is open on another connection; resume it with its resume_
 NOT_FOUND = "No such session: it may have expired, or the resume_token is wrong. Start a new session."
 TOO_MANY_SESSIONS = f"This connection already has {MAX_SESSIONS_PER_CONNECTION} sessions; end one or reconnect."
 RESTARTING = "The server is restarting; reconnect and ask again."
+STORE_DOWN = "Sessions cannot be stored right now; try again shortly."
+PRODUCER_GONE = "The server answering this question stopped before the answer ended; ask again."
+STOPPED = "The server stopped this answer; ask again."
 
 
 class BadRequest(Exception):
@@ -563,8 +973,10 @@ async def answer(session: Session, turn: Turn) -> None:
             del session.history[: 2 * -(-held // 2)]  # the oldest half of the turns, rounded up, for good
             stop_reason, usage = await read(session, turn)
     except asyncio.CancelledError as exc:
-        if exc.args != ("cancel",):  # the session is gone (or the server stops): nobody will read this turn
+        if exc.args != ("cancel",):  # the session is gone here (or the server stops): no reader here
             outcome = "disconnected"
+            turn.final = {**error_frame("unavailable", STOPPED, session.id), "turn_id": turn.id}
+            STORE.record(turn)  # for a reader in another process
             raise
         asyncio.current_task().uncancel()
         stop_reason = outcome = "cancelled"
@@ -591,6 +1003,7 @@ async def answer(session: Session, turn: Turn) -> None:
         message = TOO_LONG_FOR_MODEL if outcome == "too_large" else None
         turn.final = {**error_frame(outcome, message, session.id), "turn_id": turn.id}
     turn.changed.set()
+    STORE.record(turn)
 
 
 def request(session: Session, question: str) -> list[BaseMessage]:
@@ -623,6 +1036,7 @@ async def read(session: Session, turn: Turn) -> tuple[str | None, dict[str, int]
                 turn.first_token_at = turn.first_token_at or time.perf_counter()
                 turn.tokens.append(text)
                 turn.changed.set()
+                STORE.record(turn)
                 while len(turn.tokens) - turn.sent > WINDOW and session.owner is not None:
                     turn.room.clear()  # the client reads slowly: stop reading Bedrock until it catches up
                     await turn.room.wait()
@@ -653,6 +1067,7 @@ async def deliver(ws: WebSocket, session: Session, turn: Turn, after: int, start
                 await send(ws, turn.final)
                 if session.owner is ws and session.pending is turn:
                     settle(session, turn)
+                    STORE.settle(session, turn)
                 return
     except (WebSocketDisconnect, WebSocketDisconnected):
         return  # the connection is closing: its handler detaches the session, and a resume sends the rest
@@ -736,10 +1151,13 @@ def handshake_allowed(ws: WebSocket) -> bool:
     return urlsplit(origin).netloc == ws.headers.get("host", "").lower()  # a Host that ALLOWED_HOSTS let in
 
 
-def start_turn(ws: WebSocket, session: Session, question: str) -> asyncio.Task[None]:
+async def start_turn(ws: WebSocket, session: Session, question: str) -> asyncio.Task[None]:
     """Ask the model; return the task that sends the answer to `ws`."""
-    turn = session.pending = Turn(secrets.token_urlsafe(12), question)
-    turn.task = asyncio.create_task(answer(session, turn))
+    turn = Turn(secrets.token_urlsafe(12), question)
+    if not await STORE.begin(session, turn):  # held elsewhere (or, new here, it exists elsewhere)
+        raise BadRequest("session_in_use", IN_USE, session.id)
+    session.pending = turn
+    turn.task = asyncio.create_task(answer(session, turn), name=turn.id)  # named: a cancel from elsewhere finds it
     STREAMS.add(turn.task)
     turn.task.add_done_callback(STREAMS.discard)
     start = {"type": "start", "session_id": session.id, "turn_id": turn.id, "resume_token": session.resume_token}
@@ -747,6 +1165,7 @@ def start_turn(ws: WebSocket, session: Session, question: str) -> asyncio.Task[N
 
 
 ROLES = {"human": "user", "ai": "assistant"}  # LangChain's message types, as the resumed frame names them
+MESSAGES = {"human": HumanMessage, "ai": AIMessage}  # and as the store keeps them
 
 
 async def resume(ws: WebSocket, session: Session, turn_id: str | None, after: int) -> asyncio.Task[None] | None:
@@ -784,42 +1203,15 @@ async def chat(ws: WebSocket) -> None:
                 await send(ws, bad.frame)
                 continue
             held = {s for s in held if s.owner is ws and SESSIONS.get(s.id) is s}
-            kind, session_id = request["type"], request.get("session_id")
-            session = SESSIONS.get(session_id)
             streaming = sending is not None and not sending.done()
-            if kind == "cancel":
-                for mine in held:  # one of them streams at most: its end frame holds what was read
-                    stop(mine)
-            elif kind == "end_session":
-                if session is not None and session.owner is not ws:
-                    await send(ws, error_frame("session_in_use", IN_USE, session_id))
-                elif session is not None:  # an unknown one is ignored
-                    stop(session)  # its end frame still comes
-                    drop(session)
-            elif DRAINING.is_set():
-                await send(ws, error_frame("unavailable", RESTARTING, session_id))  # before busy: reconnect elsewhere
-            elif kind == "resume":
-                token = request["resume_token"].encode(errors="surrogatepass")
-                if session is None or not hmac.compare_digest(token, session.resume_token.encode()):
-                    await send(ws, error_frame("not_found", NOT_FOUND, session_id))  # one answer: no oracle
-                elif streaming:
-                    await send(ws, error_frame("busy", session_id=session_id))
-                elif session.owner is not ws and len(held) >= MAX_SESSIONS_PER_CONNECTION:
-                    await send(ws, error_frame("too_large", TOO_MANY_SESSIONS, session_id))
-                else:
-                    held.add(session)
-                    sending = CONNECTIONS[ws] = await resume(ws, session, request["turn_id"], request["after"])
-            elif session is not None and session.owner is not ws:
-                await send(ws, error_frame("session_in_use", IN_USE, session_id))
-            elif session is None and len(held) >= MAX_SESSIONS_PER_CONNECTION:
-                await send(ws, error_frame("too_large", TOO_MANY_SESSIONS, session_id))
-            elif streaming or (len(STREAMS) >= MAX_CONCURRENT_STREAMS and not make_room()):
-                await send(ws, error_frame("busy", session_id=session_id))
-            elif session is None and (session := new_session(session_id, ws)) is None:
-                await send(ws, error_frame("busy", f"{MAX_SESSIONS=} are all in use; try again later.", session_id))
-            else:
-                held.add(session)
-                sending = CONNECTIONS[ws] = start_turn(ws, session, request["question"])
+            try:
+                sending = await handle(ws, request, held, streaming) or sending
+            except BadRequest as bad:
+                await send(ws, bad.frame)
+            except RedisError as exc:
+                log.warning("Redis failed: %s", exc)
+                await send(ws, error_frame("unavailable", STORE_DOWN, request.get("session_id")))
+            CONNECTIONS[ws] = sending
     finally:
         if sending:
             sending.cancel()
@@ -827,7 +1219,58 @@ async def chat(ws: WebSocket) -> None:
         for session in held:
             if session.owner is ws and SESSIONS.get(session.id) is session:
                 detach(session)  # its answer, if any, streams on for a resume (see RESUME_GRACE)
+                with contextlib.suppress(RedisError):  # else the session's key expires SESSION_TTL + 60 s later
+                    await STORE.release(session)
         CONNECTIONS.pop(ws, None)
+
+
+async def handle(
+    ws: WebSocket, request: dict[str, Any], held: set[Session], streaming: bool
+) -> asyncio.Task[None] | None:
+    """One valid frame from `ws`, which holds the sessions `held`; return the task that sends a new turn, if one
+    starts. A refusal is raised as BadRequest."""
+    kind, session_id = request["type"], request.get("session_id")
+    session = SESSIONS.get(session_id)
+    if kind == "cancel":
+        for mine in held:  # one of them streams at most: its end frame holds what was read
+            stop(mine)
+    elif kind == "end_session":
+        if session is not None and session.owner is ws:
+            stop(session)  # its end frame still comes
+            drop(session)
+            await STORE.forget(session)
+        elif session is not None or await STORE.exists(session_id):  # an unknown one is ignored
+            raise BadRequest("session_in_use", IN_USE, session_id)
+    elif DRAINING.is_set():
+        raise BadRequest("unavailable", RESTARTING, session_id)  # before busy: reconnect elsewhere
+    elif streaming:
+        raise BadRequest("busy", ERROR_MESSAGES["busy"], session_id)
+    elif (session is None or session.owner is not ws) and len(held) >= MAX_SESSIONS_PER_CONNECTION:
+        raise BadRequest("too_large", TOO_MANY_SESSIONS, session_id)
+    elif kind == "resume":
+        if (session := await STORE.claim(session_id, request["resume_token"], ws)) is None:
+            raise BadRequest("not_found", NOT_FOUND, session_id)  # one answer for all three cases: no oracle
+        held.add(session)
+        return await resume(ws, session, request["turn_id"], request["after"])
+    elif session is not None and session.owner is not ws:
+        raise BadRequest("session_in_use", IN_USE, session_id)
+    elif len(STREAMS) >= MAX_CONCURRENT_STREAMS and not make_room():
+        raise BadRequest("busy", ERROR_MESSAGES["busy"], session_id)
+    elif session is None and (session := new_session(session_id, ws)) is None:
+        raise BadRequest("busy", f"{MAX_SESSIONS=} are all in use; try again later.", session_id)
+    else:
+        new = session not in held
+        try:
+            sending = await start_turn(ws, session, request["question"])
+        except (BadRequest, RedisError) as exc:
+            if new:
+                drop(session)  # it was never recorded
+            elif isinstance(exc, BadRequest):
+                let_go(session, answer_goes_on=False)  # a resume elsewhere took it
+            raise
+        held.add(session)
+        return sending
+    return None
 
 
 # --- small routes, the page, the app
@@ -838,6 +1281,8 @@ async def healthz(request: Request) -> JSONResponse:
     counts["streams"] = len(STREAMS)
     if DRAINING.is_set():  # a load balancer stops sending new clients here
         return JSONResponse({"status": "draining", **counts}, status_code=503)
+    if not STORE.healthy:  # Redis is away: no question can be answered (it comes back by itself)
+        return JSONResponse({"status": "store_unavailable", **counts}, status_code=503)
     return JSONResponse({"status": "ok", **counts})
 
 
@@ -865,6 +1310,7 @@ for name in ("uvicorn.error", "uvicorn.access"):
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     connection = MODEL.connect(MAX_CONCURRENT_STREAMS, STREAM_TIMEOUT) if isinstance(MODEL, BedrockChat) else None
+    await STORE.open()
     async with connection or nullcontext():
         # subtle: LangChain allocates several objects per token. Freezing the ~200k objects of the imported libraries
         # keeps full collections from scanning them all, and a larger young generation collects ~70x less often;
@@ -875,6 +1321,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if CHAT_API_KEY is None and HOST not in ("127.0.0.1", "localhost", "::1"):
             log.warning("listening on %s without CHAT_API_KEY: anyone who reaches this port uses the model", HOST)
         yield
+    await STORE.close()  # after the drain: the last answers are written
 
 
 PAGE = """<!doctype html>
@@ -1125,12 +1572,14 @@ def is_utf8(frames: list[bytes]) -> bool:
 
 async def drain() -> None:
     """SIGTERM's first step, while the listeners still answer: idle connections are closed with 1012 at once,
-    answers in flight run to their end (then 1012), and whatever still streams after DRAIN_TIMEOUT is cut."""
+    answers in flight run to their end (then 1012), and whatever still streams after DRAIN_TIMEOUT is cut. With
+    a shared store, answers read here for a connection elsewhere (or none yet) are in flight too: their clients
+    resume on another process."""
     DRAINING.set()
-    for session in list(DETACHED.values()):
-        drop(session)  # no one can resume it now: its answer stops
-    in_flight = sum(task is not None and not task.done() for task in CONNECTIONS.values())
-    log.info("draining: %d answers in flight, for up to DRAIN_TIMEOUT=%gs", in_flight, DRAIN_TIMEOUT)
+    if not STORE.shared:
+        for session in list(DETACHED.values()):
+            drop(session)  # no one can resume it now: its answer stops
+    log.info("draining: %d answers in flight, for up to DRAIN_TIMEOUT=%gs", len(STREAMS), DRAIN_TIMEOUT)
 
     async def finish(ws: WebSocket, sending: asyncio.Task[None] | None) -> None:
         if sending is not None:
@@ -1138,7 +1587,10 @@ async def drain() -> None:
             sending.cancel()  # a no-op when its answer was delivered
         await ws.close(1012)  # service restart: reconnect
 
-    await asyncio.gather(*(finish(ws, task) for ws, task in list(CONNECTIONS.items())), return_exceptions=True)
+    finishing = [finish(ws, task) for ws, task in list(CONNECTIONS.items())]
+    if STORE.shared and STREAMS:  # answers read for no connection here: their clients may resume elsewhere
+        finishing.append(asyncio.wait(list(STREAMS), timeout=DRAIN_TIMEOUT))
+    await asyncio.gather(*finishing, return_exceptions=True)
     for task in list(STREAMS):
         task.cancel()  # cut what is left: answers past the deadline, or whose client left during the drain
     await asyncio.gather(*STREAMS, return_exceptions=True)
@@ -1152,10 +1604,24 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def reach_redis(url: str) -> None:
+    """At start-up: one clear line and exit 1 if Redis does not answer (the password never shows)."""
+    parts = urlsplit(url)
+    where = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3) as client:
+            client.ping()
+    except RedisError as exc:
+        sys.exit(f"chat_stream: cannot reach Redis at {where} (REDIS_URL): {exc}")
+
+
 def serve() -> None:
     """`python chat_stream.py`: uvicorn with the protocols above and the limits from the settings."""
+    if REDIS_URL:
+        reach_redis(REDIS_URL)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = MAX_CONNECTIONS + MAX_CONCURRENT_STREAMS + 64  # client sockets, Bedrock sockets, the rest
+    needed += MAX_CONNECTIONS + 16 if REDIS_URL else 0  # Redis connections (see RedisStore)
     if soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
     if hard < needed:
