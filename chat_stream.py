@@ -1178,7 +1178,10 @@ async def resume(ws: WebSocket, session: Session, turn_id: str | None, after: in
     await send(ws, {"type": "resumed", "session_id": session.id, "history": history, "pending": pending})
     if turn is None or session.owner is not ws:
         return None
-    after = min(after, len(turn.tokens)) if turn_id == turn.id else 0  # subtle: a client may claim more than exists
+    if turn_id != turn.id:
+        after = 0
+    elif turn.producer is None:  # subtle: a client may claim more than exists (followed from elsewhere, it may not:
+        after = min(after, len(turn.tokens))  # the tokens it saw may not be in the store yet)
     return asyncio.create_task(deliver(ws, session, turn, after, None))
 
 

@@ -29,12 +29,14 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+import redis
 import websockets
 from websockets.sync.client import ClientConnection, connect
 
 from bedrock_stand_in import (
     OVERFLOWS,
     FakeBedrock,
+    RedisServer,
     Reply,
     echo,
     echo_tokens,
@@ -49,6 +51,7 @@ HERE = Path(__file__).parent
 NOVA = "amazon.nova-micro-v1:0"
 CLAUDE = "us.anthropic.claude-3-7-sonnet-20250219-v1:0"
 UNVERIFIED = "ai21.j2-ultra-v1"  # a model langchain-aws has not verified for streaming
+slow = pytest.mark.skipif(os.environ.get("QUICK") == "1", reason="slow; QUICK=1 skips it (CI runs it)")
 PROFILE_ARN = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/chat1234"
 
 
@@ -1489,6 +1492,260 @@ def test_max_sessions_evicts_the_oldest_detached(bedrock: FakeBedrock, tmp_path:
             assert server.health() == {"status": "ok", "connections": 2, "sessions": 2, "detached": 0, "streams": 0}
 
 
+# --- a shared store: sessions on Redis (a real redis-server), taken over across processes
+
+
+@pytest.fixture(scope="module")
+def store() -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
+    server = RedisServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def pair(store: RedisServer, bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
+    """Two server processes sharing one Redis: a client dropped by one resumes on the other."""
+    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, "REDIS_URL": store.url}
+    with contextlib.ExitStack() as stack:
+        yield [
+            stack.enter_context(run_server(tmp_path_factory.mktemp(name), BEDROCK_ENDPOINT_URL=bedrock.url, **settings))
+            for name in "ab"
+        ]
+
+
+def follow(ws: ClientConnection, start: dict[str, Any], after: int) -> list[dict[str, Any]]:
+    """Resume the turn `start` began after `after` tokens: the resumed frame, then the rest of the answer."""
+    frame = resume(ws, start, turn_id=start["turn_id"], after=after)
+    assert frame["type"] == "resumed", frame
+    return read_answer(ws)
+
+
+# Ask on A, drop mid-answer, resume on B by turn and seq: every token exactly once, full_text exact, from ONE
+# upstream request; the next question on B carries A's history, and a resume back on A carries B's.
+def test_resume_on_another_process(pair: list[Server], bedrock: FakeBedrock) -> None:
+    a, b = pair
+    seen = begin(a, bedrock, "cross over", 60, 10, delay=0.02)
+    start, tokens = seen[0], [f" cros{i}" for i in range(60)]
+    assert seen[1:] == tokens_of(tokens[:10])
+    with connect(b.ws_url) as ws:
+        assert resume(ws, start, turn_id=start["turn_id"], after=10) == resumed(start, "cross over")
+        assert read_answer(ws) == whole_answer(start, tokens, 11)
+        ask(ws, "asked on b", start["session_id"])
+    assert len(bedrock.calls_for("cross over")) == 1 and bedrock.calls_for("cross over")[0].finished
+    assert bedrock.calls_for("asked on b")[0].body["messages"] == text("cross over", "".join(tokens), "asked on b")
+    with connect(a.ws_url) as ws:
+        history = ["cross over", "".join(tokens), "asked on b", echo("asked on b")]
+        assert resume(ws, start) == resumed(start, None, history)
+        ask(ws, "back on a", start["session_id"])
+    assert bedrock.calls_for("back on a")[0].body["messages"] == text(*history, "back on a")
+
+
+# An answer that ended on A while no one was connected is delivered whole by B, then joins the history.
+def test_resume_after_the_answer_finished_elsewhere(pair: list[Server], bedrock: FakeBedrock) -> None:
+    a, b = pair
+    start = begin(a, bedrock, "done on a", 20, 2, delay=0.01)[0]
+    tokens = [f" done{i}" for i in range(20)]
+    wait_for(lambda: bedrock.calls_for("done on a")[0].finished, 5, "Bedrock to finish")
+    with connect(b.ws_url) as ws:
+        assert follow(ws, start, 2) == whole_answer(start, tokens, 3)
+        assert resume(ws, start) == resumed(start, None, ["done on a", "".join(tokens)])
+
+
+# Ownership and tokens hold across processes as in one: a plain question or end_session for a session held on A
+# gets session_in_use on B; a wrong token and an unknown session get not_found; a resume with the token takes it
+# over from a half-open connection on A, which then gets session_in_use, and whose cancel no longer stops it.
+def test_ownership_across_processes(pair: list[Server], bedrock: FakeBedrock) -> None:
+    a, b = pair
+    tokens = [f" own{i}" for i in range(40)]
+    bedrock.replies["whose is it"] = Reply(tokens=tokens, delay=0.02)
+    with slow_reader(a) as stale, connect(b.ws_url) as ws:
+        stale.send(json.dumps({"question": "whose is it"}))
+        start = json.loads(stale.recv(timeout=5))
+        sid = start["session_id"]
+        ws.send(json.dumps({"question": "sneak in from b", "session_id": sid}))
+        assert json.loads(ws.recv(timeout=5)) == in_use(sid)
+        ws.send(json.dumps({"type": "end_session", "session_id": sid}))
+        assert json.loads(ws.recv(timeout=5)) == in_use(sid)
+        not_found = {"type": "error", "session_id": sid, "code": "not_found", "message": NOT_FOUND}
+        assert resume(ws, {**start, "resume_token": "x" * 43}) == not_found
+        assert resume(ws, {**start, "session_id": "nobody"}) == {**not_found, "session_id": "nobody"}
+        assert resume(ws, start, turn_id=start["turn_id"], after=0) == resumed(start, "whose is it")
+        stale.send(json.dumps({"type": "cancel"}))  # no longer its answer to stop
+        assert read_answer(ws) == whole_answer(start, tokens, 1)
+        stale.send(json.dumps({"question": "is it still mine", "session_id": sid}))
+        frames = []
+        while not frames or frames[-1]["type"] not in ("error", "end"):
+            frames.append(json.loads(stale.recv(timeout=5)))
+        assert frames[-1] == in_use(sid)
+        ask(ws, "mine now, on b", sid)
+    assert not bedrock.calls_for("sneak in from b") and not bedrock.calls_for("is it still mine")
+    assert bedrock.calls_for("mine now, on b")[0].body["messages"] == text("whose is it", "".join(tokens), "mine now, on b")
+
+
+# A cancel on B stops the answer A reads: Bedrock's stream closes, and B's client gets the end frame, cancelled.
+def test_cancel_across_processes(pair: list[Server], bedrock: FakeBedrock) -> None:
+    a, b = pair
+    start = begin(a, bedrock, "stop it from b", 400, 3, delay=0.02)[0]
+    with connect(b.ws_url) as ws:
+        assert resume(ws, start, turn_id=start["turn_id"], after=3) == resumed(start, "stop it from b")
+        assert json.loads(ws.recv(timeout=5))["seq"] == 4
+        ws.send(json.dumps({"type": "cancel"}))
+        frames = read_answer(ws)
+    (call,) = bedrock.calls_for("stop it from b")
+    assert frames[-1]["stop_reason"] == "cancelled" and call.client_closed_at and not call.finished
+    assert 4 <= len(frames[-1]["full_text"].split()) < 400
+
+
+# A deploy: SIGTERM A while its client has moved to B; A reads the answer to its end for B (the drain waits for
+# it), then exits; B's client gets every token once.
+def test_sigterm_while_the_client_is_elsewhere(store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, "REDIS_URL": store.url}
+    with (
+        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as a,
+        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as b,
+    ):
+        seen = begin(a, bedrock, "deploy now", 60, 5, delay=0.03)
+        start, tokens = seen[0], [f" depl{i}" for i in range(60)]
+        with connect(b.ws_url) as ws:
+            assert resume(ws, start, turn_id=start["turn_id"], after=5) == resumed(start, "deploy now")
+            a.process.send_signal(signal.SIGTERM)
+            signalled_at = time.monotonic()
+            assert read_answer(ws) == whole_answer(start, tokens, 6)
+        assert a.process.wait(timeout=10) == -signal.SIGTERM and time.monotonic() - signalled_at < 5
+    (call,) = bedrock.calls_for("deploy now")
+    assert call.finished
+
+
+# SIGKILL A mid-answer: B's client gets unavailable, with the turn's id, within a few seconds; the session goes
+# on, and the interrupted turn is not in the history sent upstream.
+def test_sigkill_mid_answer(store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, "REDIS_URL": store.url}
+    with (
+        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as a,
+        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as b,
+    ):
+        with connect(a.ws_url) as ws:
+            ws.send(json.dumps({"question": "before the kill"}))
+            first = read_answer(ws)[0]
+        seen = begin_in(a, bedrock, first, "killed midway", 400, 3, delay=0.05)
+        start = seen[0]
+        with connect(b.ws_url) as ws:
+            assert resume(ws, start, turn_id=start["turn_id"], after=3) == resumed(
+                start, "killed midway", ["before the kill", echo("before the kill")]
+            )
+            os.killpg(a.process.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            frames = read_answer(ws)
+            waited = time.monotonic() - killed_at
+            assert frames[-1] == {
+                "type": "error",
+                "session_id": start["session_id"],
+                "turn_id": start["turn_id"],
+                "code": "unavailable",
+                "message": "The server answering this question stopped before the answer ended; ask again.",
+            }
+            assert waited < 8, waited
+            assert ask(ws, "after the kill", start["session_id"])[-1]["type"] == "end"
+    assert bedrock.calls_for("after the kill")[0].body["messages"] == text(
+        "before the kill", echo("before the kill"), "after the kill"
+    )
+    print(f"SIGKILL to unavailable: {waited:.1f} s")
+
+
+def begin_in(server: Server, bedrock: FakeBedrock, start: dict, question: str, tokens: int, seen: int, **reply: Any):
+    """As begin(), in the session `start` opened (resumed first), on `server`."""
+    bedrock.replies[question] = Reply(tokens=[f" {question[:4]}{i}" for i in range(tokens)], **reply)
+    with connect(server.ws_url) as ws:
+        assert resume(ws, start)["type"] == "resumed"
+        ws.send(json.dumps({"question": question, "session_id": start["session_id"]}))
+        return [json.loads(ws.recv(timeout=5)) for _ in range(1 + seen)]
+
+
+# Redis unreachable at start-up: one clear line (no password in it) and a non-zero exit.
+def test_unreachable_redis_at_startup(store: RedisServer) -> None:
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/3"
+    result = subprocess.run(
+        [sys.executable, str(HERE / "chat_stream.py")],
+        env=server_env(REDIS_URL=url, BEDROCK_MODEL_ID="offline"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1 and "hunter2" not in result.stderr + result.stdout
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"chat_stream: cannot reach Redis at redis://127.0.0.1:{url.rsplit(':', 1)[1]} (REDIS_URL):")
+
+
+# Redis lost while running: questions get unavailable, /healthz says 503, the answer being streamed still reaches
+# its client, nothing crashes; when Redis is back, service resumes by itself.
+def test_redis_lost_and_back(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
+    lost = RedisServer()
+    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, "REDIS_URL": lost.url}
+    try:
+        with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server, connect(server.ws_url) as ws:
+            tokens = [f" lost{i}" for i in range(60)]
+            bedrock.replies["while redis goes"] = Reply(tokens=tokens, delay=0.02)
+            ws.send(json.dumps({"question": "while redis goes", "session_id": "outage"}))
+            assert json.loads(ws.recv(timeout=5))["type"] == "start"
+            lost.stop()
+            wait_for(lambda: httpx.get(f"{server.http}/healthz").status_code == 503, 5, "/healthz to say 503")
+            assert httpx.get(f"{server.http}/healthz").json()["status"] == "store_unavailable"
+            assert read_answer(ws)[-1]["full_text"] == "".join(tokens)
+            for session_id in ("outage", "another"):
+                ws.send(json.dumps({"question": "anyone there", "session_id": session_id}))
+                assert json.loads(ws.recv(timeout=10)) == {
+                    "type": "error",
+                    "session_id": session_id,
+                    "code": "unavailable",
+                    "message": "Sessions cannot be stored right now; try again shortly.",
+                }
+            lost.start()
+            wait_for(lambda: healthy(server.http), 10, "/healthz to say 200 again")
+            assert ask(ws, "back again", "outage")[-1]["full_text"] == echo("back again")
+            assert server.process.poll() is None
+        assert bedrock.calls_for("back again")[0].body["messages"] == text(
+            "while redis goes", "".join(tokens), "back again"
+        )
+        assert not bedrock.calls_for("anyone there")
+    finally:
+        lost.close()
+
+
+# Every key expires: after a session left idle, an answer resumed on the other process, and one never resumed,
+# each key has a TTL of at most SESSION_TTL + 60 s, and with no traffic only the processes' own keys are left.
+@slow
+def test_keys_expire(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
+    keys_store = RedisServer()
+    settings = {**DEFAULTS, "SESSION_TTL": 2, "RESUME_GRACE": 1, "REDIS_URL": keys_store.url}
+    try:
+        with (
+            run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as a,
+            run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as b,
+            redis.Redis.from_url(keys_store.url) as client,
+        ):
+            with connect(a.ws_url) as ws:
+                ws.send(json.dumps({"question": "left idle"}))
+                read_answer(ws)
+            start = begin(a, bedrock, "resumed on b", 30, 3, delay=0.02)[0]
+            with connect(b.ws_url) as ws:
+                follow(ws, start, 3)
+            begin(a, bedrock, "never resumed", 400, 3, delay=0.02)
+            keys = client.keys("*")
+            assert len(keys) > 2 and all(0 < client.pttl(key) <= 62_000 for key in keys), keys
+            left_at = time.monotonic()
+            wait_for(lambda: client.dbsize() == 2, 70, "only the two process keys")
+            print(f"keys back to the floor {time.monotonic() - left_at:.0f} s after the last use")
+            assert sorted(k.decode().split(":")[1] for k in client.keys("*")) == ["process", "process"]
+    finally:
+        keys_store.close()
+
+
 # --- security by default
 
 
@@ -1556,7 +1813,6 @@ def test_api_key_not_logged(guarded: Server) -> None:
 
 # --- limits and abuse: a real server, and clients that misbehave on purpose (raw sockets where needed)
 
-slow = pytest.mark.skipif(os.environ.get("QUICK") == "1", reason="slow; QUICK=1 skips it (CI runs it)")
 MIB = 1024  # in KiB, as /proc reports memory
 
 
