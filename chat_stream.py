@@ -301,6 +301,7 @@ def detach(session: Session) -> None:
         drop(session)
         return
     session.owner = None
+    unfollow(session)
     DETACHED[session.id] = session
     loop = asyncio.get_running_loop()
     session.timers.append(loop.call_later(SESSION_TTL, drop, session))
@@ -317,12 +318,20 @@ def let_go(session: Session, answer_goes_on: bool) -> None:
     if DETACHED.get(session.id) is session:
         del DETACHED[session.id]
     session.owner = None
+    unfollow(session)
     for timer in session.timers:
         timer.cancel()
     session.timers.clear()
     if answer_goes_on and (turn := session.pending) and turn.task in STREAMS:
         turn.room.set()
         session.timers.append(asyncio.get_running_loop().call_later(RESUME_GRACE, grace, session))
+
+
+def unfollow(session: Session) -> None:
+    """No connection here reads the session now: stop following an answer another process reads (a resume follows
+    it again), so that each connection here follows one at most."""
+    if (turn := session.pending) and turn.producer is not None and turn.task:
+        turn.task.cancel()
 
 
 def grace(session: Session) -> None:
@@ -575,7 +584,7 @@ class RedisStore(Store):
             return None
         history, turn_id, question, producer = (value.decode() for value in saved[2:])
         session.history = [MESSAGES[kind](text) for kind, text in json.loads(history)]
-        if old and old.pending and old.pending.id == turn_id:
+        if old and old.pending and old.pending.id == turn_id and old.pending.producer is None:
             session.pending = old.pending  # read here: delivered from memory
         elif turn_id:
             session.pending = await self.follow(session, Turn(turn_id, question, producer))
@@ -680,7 +689,8 @@ class RedisStore(Store):
         except RedisError as exc:
             log.warning("lost the answer turn=%s from Redis: %s", turn.id, exc)
             turn.final = {**error_frame("unavailable", STORE_DOWN, session.id), "turn_id": turn.id}
-        turn.changed.set()
+        finally:
+            turn.changed.set()  # its reader wakes, even when it is stopped (see `unfollow`)
 
     async def listen(self) -> None:
         """Notices from other processes: a resume took a session held here; a client cancelled an answer read here."""

@@ -1165,16 +1165,24 @@ def test_memory_stays_flat(server: Server) -> None:
 # --- resuming: a session outlives its connection (SESSION_TTL) and its answer streams on for a resume (RESUME_GRACE)
 
 
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def stores(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The resume rules hold alike with the in-process store and with Redis (one process here; two further on)."""
+    if request.param == "memory":
+        return {}
+    return {"REDIS_URL": request.getfixturevalue("store").url}
+
+
 @pytest.fixture(scope="module")
-def resumable(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10}
+def resumable(bedrock: FakeBedrock, stores: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, **stores}
     with run_server(tmp_path_factory.mktemp("resumable"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def short_lived(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    settings = {**DEFAULTS, "SESSION_TTL": 3, "RESUME_GRACE": 1, "MAX_HISTORY_MESSAGES": 10}
+def short_lived(bedrock: FakeBedrock, stores: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    settings = {**DEFAULTS, "SESSION_TTL": 3, "RESUME_GRACE": 1, "MAX_HISTORY_MESSAGES": 10, **stores}
     with run_server(tmp_path_factory.mktemp("short"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
         yield s
 
