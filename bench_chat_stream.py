@@ -10,6 +10,8 @@ server's CPU time per streamed token (user + system, all its processes). The sam
 baseline: a minimal native-async server (aiobotocore straight to the socket, no LangChain), the floor that
 chat_stream.py is measured against. Then 200 clients that lost their connection after 10 tokens resume at the same
 moment: the time from the resume frame to the first replayed token (p50/p99), every stream checked exact.
+The same again with sessions on Redis (REDIS_URL, one local redis-server, whose CPU counts too): "redis" is one
+chat_stream process; "redis x2" is two, each client asking one of them and resuming on the other.
 Writes a table to stdout, and docs/bench.json and docs/bench.png.
 """
 
@@ -28,7 +30,7 @@ from typing import Any
 
 import websockets
 
-from bedrock_stand_in import FakeBedrock, Reply, echo, free_port, healthy, server_env, wait_for
+from bedrock_stand_in import FakeBedrock, RedisServer, Reply, echo, free_port, healthy, server_env, wait_for
 
 HERE = Path(__file__).parent
 FIRST_DELAY, DELTAS, GAP = 0.3, 50, 0.02
@@ -100,10 +102,10 @@ def baseline_app() -> Any:
 # --- servers, CPU accounting
 
 
-def start_server(kind: str, bedrock_url: str) -> tuple[subprocess.Popen, int]:
+def start_server(kind: str, bedrock_url: str, **settings: Any) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    env = server_env(PORT=port, BEDROCK_ENDPOINT_URL=bedrock_url)
-    if kind == "chat_stream":
+    env = server_env(PORT=port, BEDROCK_ENDPOINT_URL=bedrock_url, **settings)
+    if kind != "baseline":
         command = [sys.executable, "chat_stream.py"]  # as users start it
     else:
         app, flags = "bench_chat_stream:baseline_app", ["--ws-per-message-deflate", "false", "--log-level", "warning"]
@@ -114,8 +116,8 @@ def start_server(kind: str, bedrock_url: str) -> tuple[subprocess.Popen, int]:
     return process, port
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and all its descendants, from /proc."""
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of processes and all their descendants, from /proc."""
     children: dict[int, list[int]] = {}
     stats: dict[int, list[str]] = {}
     for entry in Path("/proc").iterdir():
@@ -126,7 +128,7 @@ def cpu_seconds(pid: int) -> float:
                 continue
             stats[int(entry.name)] = fields
             children.setdefault(int(fields[1]), []).append(int(entry.name))
-    total, todo = 0.0, [pid]
+    total, todo = 0.0, list(pids)
     while todo:
         p = todo.pop()
         if p in stats:
@@ -166,25 +168,26 @@ async def one_client(url: str, i: int, go: asyncio.Event, ready: asyncio.Queue) 
     }
 
 
-async def one_round(url: str, n: int, pid: int) -> tuple[list[dict[str, Any]], float]:
+async def one_round(urls: list[str], n: int, pids: list[int]) -> tuple[list[dict[str, Any]], float]:
     go, ready = asyncio.Event(), asyncio.Queue()
-    clients = [asyncio.create_task(one_client(url, i, go, ready)) for i in range(n)]
+    clients = [asyncio.create_task(one_client(urls[i % len(urls)], i, go, ready)) for i in range(n)]
     for _ in range(n):
         await ready.get()
-    cpu = cpu_seconds(pid)
+    cpu = cpu_seconds(pids)
     go.set()
     results = await asyncio.gather(*clients)
-    return results, cpu_seconds(pid) - cpu
+    return results, cpu_seconds(pids) - cpu
 
 
-async def one_resume(url: str, i: int, go: asyncio.Event, ready: asyncio.Queue) -> dict[str, Any]:
-    """Ask, read the start and SEEN tokens, drop the connection; then, on a new one, resume when told to."""
+async def one_resume(urls: list[str], i: int, go: asyncio.Event, ready: asyncio.Queue) -> dict[str, Any]:
+    """Ask, read the start and SEEN tokens, drop the connection; then, on a new one (to the next server, if there
+    are two), resume when told to."""
     question = " ".join(f"r{i}w{j}" for j in range(DELTAS - 1))
-    async with websockets.connect(url, compression=None, open_timeout=60) as ws:
+    async with websockets.connect(urls[i % len(urls)], compression=None, open_timeout=60) as ws:
         await ws.send(json.dumps({"question": question}))
         start = json.loads(await asyncio.wait_for(ws.recv(), 60))
         seen = [json.loads(await asyncio.wait_for(ws.recv(), 60))["text"] for _ in range(SEEN)]
-    async with websockets.connect(url, compression=None, open_timeout=60) as ws:
+    async with websockets.connect(urls[(i + 1) % len(urls)], compression=None, open_timeout=60) as ws:
         ready.put_nowait(i)
         await go.wait()
         sent = time.perf_counter()
@@ -201,9 +204,9 @@ async def one_resume(url: str, i: int, go: asyncio.Event, ready: asyncio.Queue) 
     return {"exact": exact, "first_token": first_token}
 
 
-async def resume_round(url: str, n: int) -> list[dict[str, Any]]:
+async def resume_round(urls: list[str], n: int) -> list[dict[str, Any]]:
     go, ready = asyncio.Event(), asyncio.Queue()
-    clients = [asyncio.create_task(one_resume(url, i, go, ready)) for i in range(n)]
+    clients = [asyncio.create_task(one_resume(urls, i, go, ready)) for i in range(n)]
     for _ in range(n):
         await ready.get()
     go.set()
@@ -217,16 +220,23 @@ def percentile(values: list[float], p: float) -> float | None:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
-def measure(kind: str, bedrock_url: str, ns: list[int], rounds: int, resumes: int = 0) -> list[dict[str, Any]]:
-    process, port = start_server(kind, bedrock_url)
-    url = f"ws://127.0.0.1:{port}/ws/chat/completions"
+def measure(
+    kind: str, bedrock_url: str, ns: list[int], rounds: int, resumes: int = 0, servers: int = 1
+) -> list[dict[str, Any]]:
+    """Rows for one kind of server: chat_stream, baseline, or chat_stream on Redis ("redis", "redis x2": with
+    `servers` processes sharing one redis-server)."""
+    store = RedisServer() if kind.startswith("redis") else None
+    settings = {"REDIS_URL": store.url} if store else {}
+    started = [start_server(kind, bedrock_url, **settings) for _ in range(servers)]
+    urls = [f"ws://127.0.0.1:{port}/ws/chat/completions" for _, port in started]
+    pids = [process.pid for process, _ in started] + ([store.process.pid] if store else [])
     rows = []
     try:
-        asyncio.run(one_round(url, 10, process.pid))  # warm up: imports, pools, caches
+        asyncio.run(one_round(urls, 10, pids))  # warm up: imports, pools, caches
         for n in ns:
             results, cpu = [], 0.0
             for _ in range(rounds if n > 1 else rounds * 5):
-                r, c = asyncio.run(one_round(url, n, process.pid))
+                r, c = asyncio.run(one_round(urls, n, pids))
                 results += r
                 cpu += c
             answered = [r for r in results if not r["busy"]]
@@ -249,7 +259,7 @@ def measure(kind: str, bedrock_url: str, ns: list[int], rounds: int, resumes: in
             rows.append(row)
             print(format_row(row), flush=True)
         if resumes:  # clients that lost their connection mid-answer, all resuming at the same moment
-            results = [r for _ in range(rounds) for r in asyncio.run(resume_round(url, resumes))]
+            results = [r for _ in range(rounds) for r in asyncio.run(resume_round(urls, resumes))]
             waits = [r["first_token"] for r in results]
             row = {
                 "server": kind,
@@ -265,8 +275,11 @@ def measure(kind: str, bedrock_url: str, ns: list[int], rounds: int, resumes: in
                 flush=True,
             )
     finally:
-        process.terminate()
-        process.wait()
+        for process, _ in started:
+            process.terminate()
+            process.wait()
+        if store:
+            store.close()
     return rows
 
 
@@ -299,7 +312,12 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    for kind, color in (("chat_stream", "tab:blue"), ("baseline", "tab:gray")):
+    for kind, color in (
+        ("chat_stream", "tab:blue"),
+        ("redis", "tab:orange"),
+        ("redis x2", "tab:red"),
+        ("baseline", "tab:gray"),
+    ):
         mine = [r for r in rows if r["server"] == kind and "n" in r]
         if mine:
             ns = [r["n"] for r in mine]
@@ -334,6 +352,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per N (N=1 runs five times as many)")
     parser.add_argument("--resuming", type=int, default=200, help="clients resuming at once (0: skip)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the native-async baseline server")
+    parser.add_argument("--redis", type=int, nargs="*", default=[1, 50, 100, 200], help="concurrencies on Redis")
+    parser.add_argument("--redis-x2", type=int, nargs="*", default=[200, 400], help="the same, on two processes")
     parser.add_argument("--out", type=Path, default=HERE / "docs", help="folder for bench.json and bench.png")
     args = parser.parse_args()
 
@@ -343,6 +363,10 @@ def main() -> None:
     bedrock_url = parent.recv()
     print(HEADER)
     rows = measure("chat_stream", bedrock_url, args.n, args.rounds, args.resuming)
+    if args.redis:
+        rows += measure("redis", bedrock_url, args.redis, args.rounds, args.resuming)
+    if args.redis_x2:
+        rows += measure("redis x2", bedrock_url, args.redis_x2, args.rounds, args.resuming, servers=2)
     if not args.no_baseline:
         rows += measure("baseline", bedrock_url, args.n, args.rounds)
     parent.send("done")
@@ -351,12 +375,13 @@ def main() -> None:
     args.out.mkdir(exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps({"ideal_s": IDEAL, "rows": rows}, indent=1) + "\n")
     chart(rows, args.out / "bench.png")
-    mine = {r["n"]: r for r in rows if r["server"] == "chat_stream" and "n" in r}
     base = {r["n"]: r for r in rows if r["server"] == "baseline"}
-    for n in sorted(mine.keys() & base.keys()):
-        p99 = mine[n]["answer_p99_s"] / base[n]["answer_p99_s"]
-        cpu = mine[n]["cpu_per_token_us"] / base[n]["cpu_per_token_us"]
-        print(f"N={n}: answer p99 {p99:.2f}x baseline, CPU per token {cpu:.2f}x baseline")
+    for kind in ("chat_stream", "redis", "redis x2"):
+        mine = {r["n"]: r for r in rows if r["server"] == kind and "n" in r}
+        for n in sorted(mine.keys() & base.keys()):
+            p99 = mine[n]["answer_p99_s"] / base[n]["answer_p99_s"]
+            cpu = mine[n]["cpu_per_token_us"] / base[n]["cpu_per_token_us"]
+            print(f"{kind} N={n}: answer p99 {p99:.2f}x baseline, CPU per token {cpu:.2f}x baseline")
     print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
 
 
