@@ -21,8 +21,11 @@ unavailable, timeout, internal. After any error the connection stays open. Close
 UTF-8), 1008 (too many frames), 1009 (frame too large), 1012 (server restart: SIGTERM drains answers first).
 A session outlives its connection by SESSION_TTL, and its answer streams on for RESUME_GRACE, for a resume.
 
-Sections, in the order a question travels: settings; sessions; the model; errors; one answer; the connection;
-routes, the page and the app; the server (uvicorn's protocols, with their limits) and main.
+Sessions live in this process, or with REDIS_URL in Redis, shared by every process and replica.
+
+Sections, in the order a question travels: settings; sessions; the store (in-process, or Redis); the model; errors;
+one answer; the connection; routes, the page and the app; the server (uvicorn's protocols, with their limits) and
+main.
 """
 
 from __future__ import annotations

@@ -1597,6 +1597,51 @@ def test_ownership_across_processes(pair: list[Server], bedrock: FakeBedrock) ->
     )
 
 
+# Takeovers back and forth between the processes, 20 of them mid-answer, each read a little on a connection left
+# open: the last reader gets the rest, every token once; each process follows one answer at most per connection
+# that holds it, so the Redis connections stay few.
+def test_takeovers_back_and_forth(pair: list[Server], store: RedisServer, bedrock: FakeBedrock) -> None:
+    tokens = [f" pp{i}" for i in range(200)]
+    bedrock.replies["back and forth"] = Reply(tokens=tokens, delay=0.02)
+    received = []
+    with contextlib.ExitStack() as stack, redis.Redis.from_url(store.url) as client:
+        first = stack.enter_context(connect(pair[0].ws_url))
+        first.send(json.dumps({"question": "back and forth"}))
+        start = json.loads(first.recv(timeout=5))
+        for i in range(20):
+            ws = stack.enter_context(connect(pair[i % 2].ws_url))
+            assert resume(ws, start, turn_id=start["turn_id"], after=len(received))["type"] == "resumed"
+            for _ in range(3):
+                frame = json.loads(ws.recv(timeout=5))
+                assert frame["seq"] == len(received) + 1, frame
+                received.append(frame["text"])
+        assert len(client.client_list()) < 16, client.client_list()
+        frames = read_answer(ws)
+    assert frames[-1]["full_text"] == "".join(tokens) == "".join(received + [f["text"] for f in frames[:-1]])
+    assert len(bedrock.calls_for("back and forth")) == 1
+
+
+# RESUME_GRACE (1 s here) counts only while no connection anywhere holds the session: an answer A reads for a
+# client on B streams on to its end (3 s), and stops RESUME_GRACE after that client leaves too.
+def test_grace_counts_readers_elsewhere(store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 1, "REDIS_URL": store.url}
+    with (
+        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as a,
+        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as b,
+    ):
+        start = begin(a, bedrock, "read elsewhere", 150, 2, delay=0.02)[0]
+        with connect(b.ws_url) as ws:
+            assert follow(ws, start, 2) == whole_answer(start, [f" read{i}" for i in range(150)], 3)
+        start = begin(a, bedrock, "then nobody", 250, 2, delay=0.02)[0]
+        with connect(b.ws_url) as ws:
+            assert resume(ws, start, turn_id=start["turn_id"], after=2)["type"] == "resumed"
+            json.loads(ws.recv(timeout=5))
+        left_at = time.monotonic()
+        (call,) = bedrock.calls_for("then nobody")
+        wait_for(lambda: call.client_closed_at, 5, "the answer to stop")
+        assert 0.9 < call.client_closed_at - left_at < 3.5 and not call.finished  # RESUME_GRACE, up to twice
+
+
 # A cancel on B stops the answer A reads: Bedrock's stream closes, and B's client gets the end frame, cancelled.
 def test_cancel_across_processes(pair: list[Server], bedrock: FakeBedrock) -> None:
     a, b = pair
