@@ -1533,21 +1533,26 @@ def follow(ws: ClientConnection, start: dict[str, Any], after: int) -> list[dict
     return read_answer(ws)
 
 
-# Ask on A, drop mid-answer, resume on B by turn and seq: every token exactly once, full_text exact, from ONE
-# upstream request; the next question on B carries A's history, and a resume back on A carries B's.
+# Ask on A (a second question, after a first), drop mid-answer, resume on B by turn and seq: every token exactly
+# once, full_text exact, from ONE upstream request; the next question on B carries A's history, and a resume back
+# on A carries B's.
 def test_resume_on_another_process(pair: list[Server], bedrock: FakeBedrock) -> None:
     a, b = pair
-    seen = begin(a, bedrock, "cross over", 60, 10, delay=0.02)
+    with connect(a.ws_url) as ws:
+        ws.send(json.dumps({"question": "first on a"}))
+        first = read_answer(ws)[0]
+    seen = begin_in(a, bedrock, first, "cross over", 60, 10, delay=0.02)
     start, tokens = seen[0], [f" cros{i}" for i in range(60)]
     assert seen[1:] == tokens_of(tokens[:10])
+    history = ["first on a", echo("first on a"), "cross over", "".join(tokens)]
     with connect(b.ws_url) as ws:
-        assert resume(ws, start, turn_id=start["turn_id"], after=10) == resumed(start, "cross over")
-        assert read_answer(ws) == whole_answer(start, tokens, 11)
+        assert resume(ws, start, turn_id=start["turn_id"], after=10) == resumed(start, "cross over", history[:2])
+        assert read_answer(ws) == whole_answer(start, tokens, 11, input_tokens=30)
         ask(ws, "asked on b", start["session_id"])
     assert len(bedrock.calls_for("cross over")) == 1 and bedrock.calls_for("cross over")[0].finished
-    assert bedrock.calls_for("asked on b")[0].body["messages"] == text("cross over", "".join(tokens), "asked on b")
+    assert bedrock.calls_for("asked on b")[0].body["messages"] == text(*history, "asked on b")
+    history = [*history[2:], "asked on b", echo("asked on b")]  # MAX_HISTORY_MESSAGES is 4 here
     with connect(a.ws_url) as ws:
-        history = ["cross over", "".join(tokens), "asked on b", echo("asked on b")]
         assert resume(ws, start) == resumed(start, None, history)
         ask(ws, "back on a", start["session_id"])
     assert bedrock.calls_for("back on a")[0].body["messages"] == text(*history, "back on a")
