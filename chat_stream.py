@@ -446,7 +446,8 @@ def milliseconds(seconds: float) -> int:
 
 
 class RedisStore(Store):
-    """Sessions in Redis (or Valkey, ElastiCache, MemoryDB), shared by every process with the same REDIS_URL. Keys:
+    """Sessions in Redis (or Valkey, or ElastiCache without cluster mode), shared by every process with the same
+    REDIS_URL. Keys:
 
       chat:session:{session_id}  hash: token (SHA-256 of the resume token), history (JSON), owner (the claim of the
                                  connection holding it, "" while none does), turn and question (the pending turn)
@@ -455,10 +456,11 @@ class RedisStore(Store):
       chat:process:{process}     set: "." and the turns the process reads now; it lives LEASE unless renewed, so a
                                  process that dies frees its sessions and its turns
 
-    A session's key expires SESSION_TTL after its connection closed, and 60 s later than that while one holds it; a
-    turn's, SESSION_TTL + 60 s after its last write (and at once when delivered). A resume that takes a session from
-    a connection publishes [session_id, claim] on chat:moved; a cancel of an answer read elsewhere, its turn_id on
-    chat:cancel. Each process writes what it reads from Bedrock in one pipeline every FLUSH_EVERY, from one task.
+    A session's key expires SESSION_TTL after its connection closed; while one holds it, it is renewed to SESSION_TTL
+    + 60 s every 30 s. A turn's expires SESSION_TTL + 60 s after its last write (and goes when it is delivered). A
+    resume that takes a session from a connection publishes [session_id, claim] on chat:moved; a cancel of an answer
+    read elsewhere, its turn_id on chat:cancel. Each process writes what it reads from Bedrock from one task, in one
+    script call every FLUSH_EVERY. Standalone Redis only (or a primary endpoint): scripts touch several keys.
     """
 
     shared = True
@@ -510,6 +512,9 @@ class RedisStore(Store):
             redis.call('PEXPIRE', process, ARGV[n * 6 + 1])
         end
         return n"""
+    TOUCH = """
+        for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[1]) end
+        return #KEYS"""
 
     def __init__(self, url: str) -> None:
         pool = redis.asyncio.BlockingConnectionPool.from_url(  # subtle: a full ConnectionPool raises; this one waits
@@ -521,7 +526,7 @@ class RedisStore(Store):
             retry=Retry(NoBackoff(), 1),  # once, at once: a connection Redis closed is reopened; then "unavailable"
         )
         self.redis = redis.asyncio.Redis(connection_pool=pool)
-        scripts = ("BEGIN", "CLAIM", "SETTLE", "RELEASE", "FORGET", "FLUSH")
+        scripts = ("BEGIN", "CLAIM", "SETTLE", "RELEASE", "FORGET", "FLUSH", "TOUCH")
         self.scripts = {name: self.redis.register_script(getattr(self, name)) for name in scripts}
         self.process = f"chat:process:{PROCESS}"
         self.held_ttl = milliseconds(SESSION_TTL + 60)
@@ -529,6 +534,7 @@ class RedisStore(Store):
         self.dirty: set[Turn] = set()  # the turns with tokens or a final frame to write
         self.wake = asyncio.Event()  # something to write
         self.beat_at = 0.0  # when the process's key is renewed next (loop time)
+        self.touch_at = 0.0  # when the keys of the sessions attached here are renewed next
         self.tasks: set[asyncio.Task[None]] = set()  # the writer, the listener, and a follower per resumed turn
 
     def session_key(self, session_id: str) -> str:
@@ -634,7 +640,7 @@ class RedisStore(Store):
 
     async def write(self) -> None:
         """The one task that writes what this process reads: new tokens and final frames every FLUSH_EVERY (when
-        there are any), and the process's heartbeat every second."""
+        there are any), the process's heartbeat every second, and every 30 s the keys of the sessions it holds."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), 1)
@@ -645,6 +651,15 @@ class RedisStore(Store):
                 beat, self.beat_at = True, now + 1
             with contextlib.suppress(RedisError):
                 await self.flush(beat)
+                if now >= self.touch_at:
+                    self.touch_at = now + 30
+                    await self.touch()
+
+    async def touch(self) -> None:
+        """Renew the keys of the sessions attached here: a session lives on while a connection holds it, idle or
+        not, as in one process."""
+        if attached := [self.session_key(s.id) for s in SESSIONS.values() if s.owner is not None]:
+            await self.scripts["TOUCH"](attached, [self.held_ttl])
 
     async def flush(self, beat: bool) -> None:
         """Write the new tokens and final frames, and with `beat` renew the process's key, in one script call: at

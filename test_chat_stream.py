@@ -1799,8 +1799,10 @@ def test_redis_lost_and_back(bedrock: FakeBedrock, tmp_path: Path) -> None:
         lost.close()
 
 
-# Every key expires: after a session left idle, an answer resumed on the other process, and one never resumed,
-# each key has a TTL of at most SESSION_TTL + 60 s, and with no traffic only the processes' own keys are left.
+# Every key expires: after a session left detached, an answer resumed on the other process, and one never
+# resumed, each key has a TTL of at most SESSION_TTL + 60 s, and with no traffic only the processes' own keys are
+# left, and the key of a session a connection still holds: it lives on while held, idle (renewed every 30 s), and
+# goes SESSION_TTL after its connection closes.
 @slow
 def test_keys_expire(bedrock: FakeBedrock, tmp_path: Path) -> None:
     if shutil.which("redis-server") is None:
@@ -1812,20 +1814,27 @@ def test_keys_expire(bedrock: FakeBedrock, tmp_path: Path) -> None:
             run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as a,
             run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as b,
             redis.Redis.from_url(keys_store.url) as client,
+            connect(b.ws_url) as held,
         ):
+            held.send(json.dumps({"question": "held idle"}))
+            held_id = read_answer(held)[0]["session_id"]
             with connect(a.ws_url) as ws:
-                ws.send(json.dumps({"question": "left idle"}))
+                ws.send(json.dumps({"question": "left detached"}))
                 read_answer(ws)
             start = begin(a, bedrock, "resumed on b", 30, 3, delay=0.02)[0]
             with connect(b.ws_url) as ws:
                 follow(ws, start, 3)
-            begin(a, bedrock, "never resumed", 400, 3, delay=0.02)
+            begin(a, bedrock, "never resumed", 200, 3, delay=0.02)
             keys = client.keys("*")
-            assert len(keys) > 2 and all(0 < client.pttl(key) <= 62_000 for key in keys), keys
+            assert len(keys) > 3 and all(0 < client.pttl(key) <= 62_000 for key in keys), keys
             left_at = time.monotonic()
-            wait_for(lambda: client.dbsize() == 2, 70, "only the two process keys")
+            wait_for(lambda: client.dbsize() == 3, 75, "the process keys and the held session's")
             print(f"keys back to the floor {time.monotonic() - left_at:.0f} s after the last use")
-            assert sorted(k.decode().split(":")[1] for k in client.keys("*")) == ["process", "process"]
+            held_key = f"chat:session:{held_id}".encode()
+            assert sorted(client.keys("*")) == sorted([held_key, *client.keys("chat:process:*")])
+            assert len(client.keys("chat:process:*")) == 2 and client.pttl(held_key) > 0
+            held.close()
+            wait_for(lambda: client.dbsize() == 2, 5, "the held session's key to go SESSION_TTL after its connection")
     finally:
         keys_store.close()
 
