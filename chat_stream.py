@@ -85,6 +85,7 @@ from langchain_core.messages import (
 from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import model_validator
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -104,15 +105,17 @@ T = TypeVar("T")
 load_dotenv()  # a .env file beside this module (or in a folder above it); variables already set win
 
 
-def setting(key: str, cast: Callable[[str], T], default: T) -> T:
-    """One setting from the environment; unset or blank means the default, a bad value stops start-up."""
+def setting(key: str, cast: Callable[[str], T], default: T, secret: bool = False) -> T:
+    """One setting from the environment; unset or blank means the default, a bad value stops start-up (a `secret`
+    one without showing its value)."""
     raw = os.environ.get(key, "").strip()
     if not raw:
         return default
     try:
         return cast(raw)
     except ValueError:
-        sys.exit(f"chat_stream: bad setting {key}={raw!r}: expected {cast.__name__.replace('_', ' ')}")
+        shown = "(not shown: it may hold a password)" if secret else f"={raw!r}"
+        sys.exit(f"chat_stream: bad setting {key}{shown}: expected {cast.__name__.replace('_', ' ')}")
 
 
 def positive_int(raw: str) -> int:
@@ -163,6 +166,7 @@ def hosts(raw: str) -> list[str]:
 def redis_url(raw: str) -> str:
     if urlsplit(raw).scheme not in ("redis", "rediss"):
         raise ValueError(raw)
+    parse_url(raw)  # as the connection pool will: its query arguments too
     return raw
 
 
@@ -210,7 +214,9 @@ DRAIN_TIMEOUT = setting("DRAIN_TIMEOUT", positive_number, 20.0)  # seconds SIGTE
 SESSION_TTL = setting("SESSION_TTL", seconds, 900.0)  # seconds a session outlives its connection; 0 = dies with it
 RESUME_GRACE = min(setting("RESUME_GRACE", seconds, 30.0), SESSION_TTL)  # seconds an answer streams on, unread
 MAX_SESSIONS = setting("MAX_SESSIONS", positive_int, 10_000)  # per process; when full the oldest detached one goes
-REDIS_URL = setting("REDIS_URL", redis_url, None)  # sessions shared by processes and replicas; unset: this process
+REDIS_URL = setting(
+    "REDIS_URL", redis_url, None, secret=True
+)  # sessions shared by processes and replicas; unset: this process
 MAX_FRAMES_PER_SECOND = setting("MAX_FRAMES_PER_SECOND", positive_int, 20)  # per connection; over it: close 1008
 MAX_SESSION_ID_CHARS = 128
 MAX_FRAME_BYTES = 12 * (MAX_QUESTION_CHARS + MAX_SESSION_ID_CHARS) + 1024  # larger: closed with 1009 by uvicorn

@@ -709,6 +709,17 @@ def test_bad_setting_stops_startup(key: str, value: str) -> None:
     assert result.stderr.splitlines() == [result.stderr.strip()] and f"{key}={value!r}" in result.stderr
 
 
+# A bad REDIS_URL stops start-up too, with one line that does not show it (it may hold a password).
+@pytest.mark.parametrize("url", ["http://:hunter2@redis:6379/0", "redis://:hunter2@redis:6379/0?db=first"])
+def test_bad_redis_url_stops_startup(url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "chat_stream.py"], cwd=HERE, env=server_env(REDIS_URL=url), capture_output=True, text=True
+    )
+    assert result.returncode == 1 and result.stderr.splitlines() == [
+        "chat_stream: bad setting REDIS_URL(not shown: it may hold a password): expected a redis:// or rediss:// URL"
+    ]
+
+
 # A .env beside the module is read; the real environment wins over it.
 def test_dotenv_file(tmp_path: Path, bedrock: FakeBedrock) -> None:
     (tmp_path / "chat_stream.py").write_text((HERE / "chat_stream.py").read_text())
