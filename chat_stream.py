@@ -1099,8 +1099,9 @@ async def read(session: Session, turn: Turn) -> tuple[str | None, dict[str, int]
 
 
 async def deliver(ws: WebSocket, session: Session, turn: Turn, after: int, start: dict[str, Any] | None) -> None:
-    """Send `ws` the turn's tokens from seq `after` + 1, then the live tail, then its end or error; stop early if
-    another connection takes the session over. The turn is settled once its final frame is sent."""
+    """Send `ws` the turn's tokens from seq `after` + 1, then the live tail, then its end or error; if another
+    connection takes the session over first, say so (session_in_use, with the turn's id) and stop. The turn is
+    settled once its final frame is sent."""
     try:
         if start:
             await send(ws, start)
@@ -1120,6 +1121,9 @@ async def deliver(ws: WebSocket, session: Session, turn: Turn, after: int, start
                     settle(session, turn)
                     STORE.settle(session, turn)
                 return
+        # subtle: the other may be a resume this client sent before, from a connection it has left, that a process
+        # elsewhere handled late; told, the client resumes again here
+        await send(ws, {**error_frame("session_in_use", IN_USE, session.id), "turn_id": turn.id})
     except (WebSocketDisconnect, WebSocketDisconnected):
         return  # the connection is closing: its handler detaches the session, and a resume sends the rest
 
@@ -1280,6 +1284,8 @@ async def chat(ws: WebSocket) -> None:
                 log.warning("Redis failed: %s", exc)
                 await send(ws, error_frame("unavailable", STORE_DOWN, request.get("session_id")))
             CONNECTIONS[ws] = sending
+    except (WebSocketDisconnect, WebSocketDisconnected):
+        pass  # it closed while a frame was sent to it (a resume's, say)
     finally:
         if sending:
             sending.cancel()

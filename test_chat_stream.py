@@ -1380,10 +1380,9 @@ def test_takeover_from_a_half_open_connection(resumable: Server, bedrock: FakeBe
         stale.send(json.dumps({"type": "cancel"}))  # no longer its answer to stop
         assert read_answer(ws) == whole_answer(start, tokens, 1)
         stale.send(json.dumps({"question": "is it mine", "session_id": start["session_id"]}))
-        frames = []
-        while not frames or frames[-1]["type"] not in ("error", "end"):
-            frames.append(json.loads(stale.recv(timeout=5)))
-        assert frames[-1] == in_use(start["session_id"])
+        frames = read_answer(stale)  # the tokens it had been sent, then word that the session moved
+        assert frames[-1] == {**in_use(start["session_id"]), "turn_id": start["turn_id"]}
+        assert json.loads(stale.recv(timeout=5)) == in_use(start["session_id"])  # and the question's refusal
         ask(ws, "mine now", start["session_id"])
     assert not bedrock.calls_for("is it mine") and len(bedrock.calls_for("take it over")) == 1
     assert bedrock.calls_for("mine now")[0].body["messages"] == text("take it over", "".join(tokens), "mine now")
@@ -1413,14 +1412,20 @@ def test_slow_reader_that_leaves(resumable: Server, bedrock: FakeBedrock) -> Non
 # every token exactly once and its exact full_text, from one upstream request each. (An end frame written just
 # before a drop counts as delivered: the next resume then has no pending turn, and the answer is in its history.)
 def test_drops_at_random_moments(resumable: Server, bedrock: FakeBedrock) -> None:
-    rng = random.Random(10)
+    drop_at_random(bedrock, [resumable.ws_url], "unlucky")
+
+
+def drop_at_random(bedrock: FakeBedrock, urls: list[str], name: str) -> None:
+    """20 clients asking and dropping at random moments, each connection to the next of `urls`."""
+    rng, moved = random.Random(10), []
 
     async def one(i: int) -> tuple[list[str], str]:
-        question, received = f"unlucky {i}", []
+        question, received, connections = f"{name} {i}", [], 0
         bedrock.replies[question] = Reply(tokens=[f" u{i}.{n}" for n in range(100)], delay=0.005)
         start, first = None, json.dumps({"question": question})
         while True:
-            async with websockets.connect(resumable.ws_url, max_queue=None) as ws:  # no backpressure: close at once
+            url, connections = urls[connections % len(urls)], connections + 1
+            async with websockets.connect(url, max_queue=None) as ws:  # no backpressure: close at once
                 await ws.send(first)
                 for _ in range(rng.randrange(start is None, 16)):  # the start frame, at least
                     frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
@@ -1433,6 +1438,10 @@ def test_drops_at_random_moments(resumable: Server, bedrock: FakeBedrock) -> Non
                     elif frame["type"] == "resumed" and frame["pending"] is None:
                         assert frame["history"][0]["text"] == question
                         return received, frame["history"][1]["text"]
+                    elif frame["type"] == "error":  # a resume it sent before, handled late elsewhere, took it
+                        assert frame["code"] == "session_in_use" and frame["turn_id"] == start["turn_id"], frame
+                        moved.append(i)
+                        break
                     else:
                         assert frame["type"] in ("start", "resumed"), frame
                 if rng.random() < 0.5:
@@ -1446,7 +1455,8 @@ def test_drops_at_random_moments(resumable: Server, bedrock: FakeBedrock) -> Non
     for i, (received, full_text) in enumerate(asyncio.run(all_of_them())):
         tokens = [f" u{i}.{n}" for n in range(100)]
         assert full_text == "".join(tokens) and tokens[: len(received)] == received
-        assert len(bedrock.calls_for(f"unlucky {i}")) == 1
+        assert len(bedrock.calls_for(f"{name} {i}")) == 1
+    print(f"{len(moved)} times a late resume took a session from its client's live connection")
 
 
 # A resume that claims more tokens than the answer has (after=10**6) gets the tokens from the next one on: the
@@ -1622,10 +1632,9 @@ def test_ownership_across_processes(pair: list[Server], bedrock: FakeBedrock) ->
         stale.send(json.dumps({"type": "cancel"}))  # no longer its answer to stop
         assert read_answer(ws) == whole_answer(start, tokens, 1)
         stale.send(json.dumps({"question": "is it still mine", "session_id": sid}))
-        frames = []
-        while not frames or frames[-1]["type"] not in ("error", "end"):
-            frames.append(json.loads(stale.recv(timeout=5)))
-        assert frames[-1] == in_use(sid)
+        frames = read_answer(stale)  # the tokens it had been sent, then word that the session moved
+        assert frames[-1] == {**in_use(sid), "turn_id": start["turn_id"]}
+        assert json.loads(stale.recv(timeout=5)) == in_use(sid)  # and the question's refusal
         ask(ws, "mine now, on b", sid)
     assert not bedrock.calls_for("sneak in from b") and not bedrock.calls_for("is it still mine")
     assert bedrock.calls_for("mine now, on b")[0].body["messages"] == text(
@@ -1677,6 +1686,12 @@ def test_grace_counts_readers_elsewhere(store: RedisServer, bedrock: FakeBedrock
         (call,) = bedrock.calls_for("then nobody")
         wait_for(lambda: call.client_closed_at, 5, "the answer to stop")
         assert 0.9 < call.client_closed_at - left_at < 3.5 and not call.finished  # RESUME_GRACE, up to twice
+
+
+# The 20 clients that drop at random moments (see test_drops_at_random_moments), each reconnecting to the other
+# process every time: every token exactly once, full_text exact, one upstream request each.
+def test_drops_at_random_moments_across_processes(pair: list[Server], bedrock: FakeBedrock) -> None:
+    drop_at_random(bedrock, [server.ws_url for server in pair], "unlucky across")
 
 
 # A cancel on B stops the answer A reads: Bedrock's stream closes, and B's client gets the end frame, cancelled.
