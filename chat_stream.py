@@ -418,8 +418,8 @@ class Store:
     def cancel(self, turn: Turn) -> None:
         """Stop an answer another process reads."""
 
-    def settle(self, session: Session, turn: Turn) -> None:
-        """`turn` was delivered, and settle() made the history `session.history` (this never waits)."""
+    async def settle(self, session: Session, turn: Turn) -> None:
+        """`turn` is delivered, and settle() made the history `session.history`."""
 
     async def claim(self, session_id: str, token: str, ws: WebSocket) -> Session | None:
         """The session for a resume that gives `token`, to attach to `ws`; None for a wrong token or no session."""
@@ -595,17 +595,13 @@ class RedisStore(Store):
         except RedisError as exc:
             log.warning("could not publish on %s: %s", channel, exc)
 
-    def settle(self, session: Session, turn: Turn) -> None:
+    async def settle(self, session: Session, turn: Turn) -> None:
         history = json.dumps([[m.type, m.text] for m in session.history], ensure_ascii=False)
         keys = [self.session_key(session.id), self.turn_key(turn.id)]
-        background(self.run_script("SETTLE", keys, [turn.id, history, self.held_ttl]))
-
-    async def run_script(self, name: str, keys: list[str], args: list[Any]) -> None:
-        """A write nobody waits for; if it fails, the next question writes the session whole again."""
         try:
-            await self.scripts[name](keys, args)
-        except RedisError as exc:
-            log.warning("could not write to Redis (%s): %s", name, exc)
+            await self.scripts["SETTLE"](keys, [turn.id, history, self.held_ttl])
+        except RedisError as exc:  # the next question writes the session whole again
+            log.warning("could not record turn=%s in Redis: %s", turn.id, exc)
 
     async def claim(self, session_id: str, token: str, ws: WebSocket) -> Session | None:
         old = SESSIONS.get(session_id)
@@ -1101,7 +1097,7 @@ async def read(session: Session, turn: Turn) -> tuple[str | None, dict[str, int]
 async def deliver(ws: WebSocket, session: Session, turn: Turn, after: int, start: dict[str, Any] | None) -> None:
     """Send `ws` the turn's tokens from seq `after` + 1, then the live tail, then its end or error; if another
     connection takes the session over first, say so (session_in_use, with the turn's id) and stop. The turn is
-    settled once its final frame is sent."""
+    settled as its final frame is sent."""
     try:
         if start:
             await send(ws, start)
@@ -1116,10 +1112,10 @@ async def deliver(ws: WebSocket, session: Session, turn: Turn, after: int, start
                 turn.changed.clear()
                 await turn.changed.wait()
             else:
-                await send(ws, turn.final)
                 if session.owner is ws and session.pending is turn:
-                    settle(session, turn)
-                    STORE.settle(session, turn)
+                    settle(session, turn)  # before its frame goes: a resume after the frame finds it in the history
+                    await STORE.settle(session, turn)
+                await send(ws, turn.final)
                 return
         # subtle: the other may be a resume this client sent before, from a connection it has left, that a process
         # elsewhere handled late; told, the client resumes again here
