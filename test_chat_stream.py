@@ -1547,13 +1547,16 @@ def test_max_sessions_evicts_the_oldest_detached(bedrock: FakeBedrock, tmp_path:
 # --- a shared store: sessions on Redis (a real redis-server), taken over across processes
 
 
-@pytest.fixture(scope="module")
-def store() -> Iterator[RedisServer]:
+def redis_server() -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
     server = RedisServer()
     yield server
     server.close()
+
+
+store = pytest.fixture(redis_server, scope="module", name="store")  # shared by the tests of one module
+own_store = pytest.fixture(redis_server, name="own_store")  # a test's own, to stop, restart or count keys in
 
 
 @pytest.fixture(scope="module")
@@ -1790,39 +1793,34 @@ def test_unreachable_redis_at_startup(store: RedisServer) -> None:
 
 # Redis lost while running: questions get unavailable, /healthz says 503, the answer being streamed still reaches
 # its client, nothing crashes; when Redis is back, service resumes by itself.
-def test_redis_lost_and_back(bedrock: FakeBedrock, tmp_path: Path) -> None:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
-    lost = RedisServer()
+def test_redis_lost_and_back(own_store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
+    lost = own_store
     settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, "REDIS_URL": lost.url}
-    try:
-        with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server, connect(server.ws_url) as ws:
-            tokens = [f" lost{i}" for i in range(60)]
-            bedrock.replies["while redis goes"] = Reply(tokens=tokens, delay=0.02)
-            ws.send(json.dumps({"question": "while redis goes", "session_id": "outage"}))
-            assert json.loads(ws.recv(timeout=5))["type"] == "start"
-            lost.stop()
-            wait_for(lambda: httpx.get(f"{server.http}/healthz").status_code == 503, 5, "/healthz to say 503")
-            assert httpx.get(f"{server.http}/healthz").json()["status"] == "store_unavailable"
-            assert read_answer(ws)[-1]["full_text"] == "".join(tokens)
-            for session_id in ("outage", "another"):
-                ws.send(json.dumps({"question": "anyone there", "session_id": session_id}))
-                assert json.loads(ws.recv(timeout=10)) == {
-                    "type": "error",
-                    "session_id": session_id,
-                    "code": "unavailable",
-                    "message": "Sessions cannot be stored right now; try again shortly.",
-                }
-            lost.start()
-            wait_for(lambda: healthy(server.http), 10, "/healthz to say 200 again")
-            assert ask(ws, "back again", "outage")[-1]["full_text"] == echo("back again")
-            assert server.process.poll() is None
-        assert bedrock.calls_for("back again")[0].body["messages"] == text(
-            "while redis goes", "".join(tokens), "back again"
-        )
-        assert not bedrock.calls_for("anyone there")
-    finally:
-        lost.close()
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server, connect(server.ws_url) as ws:
+        tokens = [f" lost{i}" for i in range(60)]
+        bedrock.replies["while redis goes"] = Reply(tokens=tokens, delay=0.02)
+        ws.send(json.dumps({"question": "while redis goes", "session_id": "outage"}))
+        assert json.loads(ws.recv(timeout=5))["type"] == "start"
+        lost.stop()
+        wait_for(lambda: httpx.get(f"{server.http}/healthz").status_code == 503, 5, "/healthz to say 503")
+        assert httpx.get(f"{server.http}/healthz").json()["status"] == "store_unavailable"
+        assert read_answer(ws)[-1]["full_text"] == "".join(tokens)
+        for session_id in ("outage", "another"):
+            ws.send(json.dumps({"question": "anyone there", "session_id": session_id}))
+            assert json.loads(ws.recv(timeout=10)) == {
+                "type": "error",
+                "session_id": session_id,
+                "code": "unavailable",
+                "message": "Sessions cannot be stored right now; try again shortly.",
+            }
+        lost.start()
+        wait_for(lambda: healthy(server.http), 10, "/healthz to say 200 again")
+        assert ask(ws, "back again", "outage")[-1]["full_text"] == echo("back again")
+        assert server.process.poll() is None
+    assert bedrock.calls_for("back again")[0].body["messages"] == text(
+        "while redis goes", "".join(tokens), "back again"
+    )
+    assert not bedrock.calls_for("anyone there")
 
 
 # Every key expires: after a session left detached, an answer resumed on the other process, and one never
@@ -1830,39 +1828,34 @@ def test_redis_lost_and_back(bedrock: FakeBedrock, tmp_path: Path) -> None:
 # left, and the key of a session a connection still holds: it lives on while held, idle (renewed every 30 s), and
 # goes SESSION_TTL after its connection closes.
 @slow
-def test_keys_expire(bedrock: FakeBedrock, tmp_path: Path) -> None:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
-    keys_store = RedisServer()
+def test_keys_expire(own_store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
+    keys_store = own_store
     settings = {**DEFAULTS, "SESSION_TTL": 2, "RESUME_GRACE": 1, "REDIS_URL": keys_store.url}
-    try:
-        with (
-            run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as a,
-            run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as b,
-            redis.Redis.from_url(keys_store.url) as client,
-            connect(b.ws_url) as held,
-        ):
-            held.send(json.dumps({"question": "held idle"}))
-            held_id = read_answer(held)[0]["session_id"]
-            with connect(a.ws_url) as ws:
-                ws.send(json.dumps({"question": "left detached"}))
-                read_answer(ws)
-            start = begin(a, bedrock, "resumed on b", 30, 3, delay=0.02)[0]
-            with connect(b.ws_url) as ws:
-                follow(ws, start, 3)
-            begin(a, bedrock, "never resumed", 200, 3, delay=0.02)
-            keys = client.keys("*")
-            assert len(keys) > 3 and all(0 < client.pttl(key) <= 62_000 for key in keys), keys
-            left_at = time.monotonic()
-            wait_for(lambda: client.dbsize() == 3, 75, "the process keys and the held session's")
-            print(f"keys back to the floor {time.monotonic() - left_at:.0f} s after the last use")
-            held_key = f"chat:session:{held_id}".encode()
-            assert sorted(client.keys("*")) == sorted([held_key, *client.keys("chat:process:*")])
-            assert len(client.keys("chat:process:*")) == 2 and client.pttl(held_key) > 0
-            held.close()
-            wait_for(lambda: client.dbsize() == 2, 5, "the held session's key to go SESSION_TTL after its connection")
-    finally:
-        keys_store.close()
+    with (
+        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as a,
+        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as b,
+        redis.Redis.from_url(keys_store.url) as client,
+        connect(b.ws_url) as held,
+    ):
+        held.send(json.dumps({"question": "held idle"}))
+        held_id = read_answer(held)[0]["session_id"]
+        with connect(a.ws_url) as ws:
+            ws.send(json.dumps({"question": "left detached"}))
+            read_answer(ws)
+        start = begin(a, bedrock, "resumed on b", 30, 3, delay=0.02)[0]
+        with connect(b.ws_url) as ws:
+            follow(ws, start, 3)
+        begin(a, bedrock, "never resumed", 200, 3, delay=0.02)
+        keys = client.keys("*")
+        assert len(keys) > 3 and all(0 < client.pttl(key) <= 62_000 for key in keys), keys
+        left_at = time.monotonic()
+        wait_for(lambda: client.dbsize() == 3, 75, "the process keys and the held session's")
+        print(f"keys back to the floor {time.monotonic() - left_at:.0f} s after the last use")
+        held_key = f"chat:session:{held_id}".encode()
+        assert sorted(client.keys("*")) == sorted([held_key, *client.keys("chat:process:*")])
+        assert len(client.keys("chat:process:*")) == 2 and client.pttl(held_key) > 0
+        held.close()
+        wait_for(lambda: client.dbsize() == 2, 5, "the held session's key to go SESSION_TTL after its connection")
 
 
 # --- security by default
