@@ -1112,10 +1112,12 @@ async def deliver(ws: WebSocket, session: Session, turn: Turn, after: int, start
                 turn.changed.clear()
                 await turn.changed.wait()
             else:
-                if session.owner is ws and session.pending is turn:
-                    settle(session, turn)  # before its frame goes: a resume after the frame finds it in the history
+                ended = turn.final["type"] == "end"
+                if ended and settle(ws, session, turn):  # in the history before its frame goes: a resume finds it
                     await STORE.settle(session, turn)
                 await send(ws, turn.final)
+                if not ended and settle(ws, session, turn):  # an error once delivered (a resume meanwhile gets it
+                    background(STORE.settle(session, turn))  # again), and the next question need not wait for it
                 return
         # subtle: the other may be a resume this client sent before, from a connection it has left, that a process
         # elsewhere handled late; told, the client resumes again here
@@ -1124,15 +1126,18 @@ async def deliver(ws: WebSocket, session: Session, turn: Turn, after: int, start
         return  # the connection is closing: its handler detaches the session, and a resume sends the rest
 
 
-def settle(session: Session, turn: Turn) -> None:
-    """The turn was delivered: an answer with text joins the history; a failed one is not recorded, so the
-    history stays valid for the next question."""
+def settle(ws: WebSocket, session: Session, turn: Turn) -> bool:
+    """The turn is delivered to `ws`; False if `ws` no longer holds the session. An answer with text joins the
+    history; a failed one is not recorded, so the history stays valid for the next question."""
+    if session.owner is not ws or session.pending is not turn:
+        return False
     session.pending = None
     if turn.final["type"] == "end" and turn.final["full_text"].strip():
         history = [*turn.context, HumanMessage(turn.question), AIMessage(turn.final["full_text"])]
         history = history[-MAX_HISTORY_MESSAGES:]  # turns left out for the budget are gone already
         session.history = history[history[0].type == "ai" :]  # whole turns, so the roles alternate as Bedrock needs
         # subtle: trim_messages(token_counter=len) would do the same, but cost the process 50 MB more memory
+    return True
 
 
 # --- the connection: validate each frame, start answers, clean up on close
