@@ -11,7 +11,9 @@ baseline: a minimal native-async server (aiobotocore straight to the socket, no 
 chat_stream.py is measured against. Then 200 clients that lost their connection after 10 tokens resume at the same
 moment: the time from the resume frame to the first replayed token (p50/p99), every stream checked exact.
 The same again with sessions on Redis (REDIS_URL, one local redis-server, whose CPU counts too): "redis" is one
-chat_stream process; "redis x2" is two, each client asking one of them and resuming on the other.
+chat_stream process; "redis x2" is two, each client asking one of them and resuming on the other. And the same
+load against "plain": a server written the way langchain-aws's documentation leads to (ChatBedrockConverse.astream
+forwarded to the socket, the library's defaults). A round that needs more than ROUND_LIMIT seconds is stopped.
 Writes a table to stdout, and docs/bench.json and docs/bench.png.
 """
 
@@ -36,6 +38,7 @@ HERE = Path(__file__).parent
 FIRST_DELAY, DELTAS, GAP = 0.3, 50, 0.02
 IDEAL = FIRST_DELAY + (DELTAS - 1) * GAP
 SEEN = 10  # tokens a resuming client had read before its connection dropped
+ROUND_LIMIT = 60.0  # seconds a round may take; a server that needs longer is stopped there, and shown so
 
 
 # --- the Bedrock stand-in, in a process of its own so that it does not share the clients' event loop
@@ -99,16 +102,55 @@ def baseline_app() -> Any:
     return Starlette(routes=routes, lifespan=lifespan)
 
 
+# --- the plain way: what langchain-aws's documentation leads to, ChatBedrockConverse.astream to the socket
+
+
+def plain_app() -> Any:
+    """One ChatBedrockConverse for the process, `astream` forwarded to the WebSocket, the library's defaults
+    (its async stream runs each chunk's blocking read in the event loop's default thread pool); no memory, no checks.
+    """
+    from langchain_aws import ChatBedrockConverse
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route, WebSocketRoute
+    from starlette.websockets import WebSocket, WebSocketDisconnect
+
+    endpoint = os.environ["BEDROCK_ENDPOINT_URL"]
+    model = ChatBedrockConverse(model="amazon.nova-micro-v1:0", region_name="us-east-1", endpoint_url=endpoint)
+
+    async def chat(ws: WebSocket) -> None:
+        await ws.accept()
+        try:
+            while True:
+                request = json.loads(await ws.receive_text())
+                session_id = request.get("session_id") or "new"
+                await ws.send_text(json.dumps({"type": "start", "session_id": session_id}))
+                parts: list[str] = []
+                async for chunk in model.astream(request["question"]):
+                    if text := chunk.text:
+                        parts.append(text)
+                        await ws.send_text(json.dumps({"type": "token", "text": text}))
+                end = {"type": "end", "session_id": session_id, "full_text": "".join(parts), "stop_reason": "end_turn"}
+                await ws.send_text(json.dumps(end))
+        except WebSocketDisconnect:
+            pass
+
+    async def healthz(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    return Starlette(routes=[Route("/healthz", healthz), WebSocketRoute("/ws/chat/completions", chat)])
+
+
 # --- servers, CPU accounting
 
 
 def start_server(kind: str, bedrock_url: str, **settings: Any) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = server_env(PORT=port, BEDROCK_ENDPOINT_URL=bedrock_url, **settings)
-    if kind != "baseline":
+    if kind not in ("baseline", "plain"):
         command = [sys.executable, "chat_stream.py"]  # as users start it
     else:
-        app, flags = "bench_chat_stream:baseline_app", ["--ws-per-message-deflate", "false", "--log-level", "warning"]
+        app, flags = f"bench_chat_stream:{kind}_app", ["--ws-per-message-deflate", "false", "--log-level", "warning"]
         command = [sys.executable, "-m", "uvicorn", "--factory", app, "--port", str(port), *flags]
     process = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: process.poll() is not None or healthy(f"http://127.0.0.1:{port}"), 60, f"{kind} to start")
@@ -165,6 +207,7 @@ async def one_client(url: str, i: int, go: asyncio.Event, ready: asyncio.Queue) 
         "total": now - sent,
         "gaps": [b - a for a, b in zip(times, times[1:], strict=False)],
         "tokens": len(tokens),
+        "cut": False,
     }
 
 
@@ -175,8 +218,13 @@ async def one_round(urls: list[str], n: int, pids: list[int]) -> tuple[list[dict
         await ready.get()
     cpu = cpu_seconds(pids)
     go.set()
-    results = await asyncio.gather(*clients)
-    return results, cpu_seconds(pids) - cpu
+    done, cut = await asyncio.wait(clients, timeout=ROUND_LIMIT)
+    spent = cpu_seconds(pids) - cpu
+    for client in cut:
+        client.cancel()
+    await asyncio.gather(*cut, return_exceptions=True)
+    unfinished = {"exact": False, "busy": False, "error": None, "ttft": None, "gaps": [], "tokens": 0, "cut": True}
+    return [client.result() for client in done] + [unfinished] * len(cut), spent
 
 
 async def one_resume(urls: list[str], i: int, go: asyncio.Event, ready: asyncio.Queue) -> dict[str, Any]:
@@ -223,8 +271,9 @@ def percentile(values: list[float], p: float) -> float | None:
 def measure(
     kind: str, bedrock_url: str, ns: list[int], rounds: int, resumes: int = 0, servers: int = 1
 ) -> list[dict[str, Any]]:
-    """Rows for one kind of server: chat_stream, baseline, or chat_stream on Redis ("redis", "redis x2": with
-    `servers` processes sharing one redis-server)."""
+    """Rows for one kind of server: chat_stream, baseline, plain, or chat_stream on Redis ("redis", "redis x2":
+    with `servers` processes sharing one redis-server). A round that takes ROUND_LIMIT is stopped there: its row
+    says how many streams were cut, the rest of its rounds are skipped, and each larger N runs one round."""
     store = RedisServer() if kind.startswith("redis") else None
     settings = {"REDIS_URL": store.url} if store else {}
     started = [start_server(kind, bedrock_url, **settings) for _ in range(servers)]
@@ -233,13 +282,17 @@ def measure(
     rows = []
     try:
         asyncio.run(one_round(urls, 10, pids))  # warm up: imports, pools, caches
+        stopped = False
         for n in ns:
             results, cpu = [], 0.0
-            for _ in range(rounds if n > 1 else rounds * 5):
+            for _ in range(1 if stopped else rounds if n > 1 else rounds * 5):
                 r, c = asyncio.run(one_round(urls, n, pids))
                 results += r
                 cpu += c
-            answered = [r for r in results if not r["busy"]]
+                if cut := sum(x["cut"] for x in r):
+                    stopped = True
+                    break
+            answered = [r for r in results if not r["busy"] and not r["cut"]]
             tokens = sum(r["tokens"] for r in results)
             row = {
                 "server": kind,
@@ -253,9 +306,12 @@ def measure(
                 "ttft_p99_s": percentile([r["ttft"] for r in answered if r["ttft"] is not None], 99),
                 "answer_p50_s": percentile([r["total"] for r in answered], 50),
                 "answer_p99_s": percentile([r["total"] for r in answered], 99),
-                "gap_p99_ms": 1000 * percentile([g for r in answered for g in r["gaps"]], 99),
+                "gap_p99_ms": 1000 * (percentile([g for r in answered for g in r["gaps"]], 99) or 0),
                 "cpu_per_token_us": 1e6 * cpu / tokens if tokens else None,
+                "cut": cut,  # streams unfinished when the round was stopped at ROUND_LIMIT
             }
+            if cut:  # the slowest answers are the ones cut: the percentiles of the others would flatter it
+                row |= {"answer_p50_s": None, "answer_p99_s": None, "stopped_after_s": ROUND_LIMIT}
             rows.append(row)
             print(format_row(row), flush=True)
         if resumes:  # clients that lost their connection mid-answer, all resuming at the same moment
@@ -298,51 +354,72 @@ def format_row(row: dict[str, Any]) -> str:
 
     cpu = "-" if row["cpu_per_token_us"] is None else f"{row['cpu_per_token_us']:.0f}us"
     exact = f"{row['exact']}/{row['streams'] - row['busy']}"
+    p50, p99 = (f">{ROUND_LIMIT:.0f}s", "stopped") if row["cut"] else (s(row["answer_p50_s"]), s(row["answer_p99_s"]))
+    cut = f"  ({row['cut']} streams unfinished at {ROUND_LIMIT:.0f} s: stopped)" if row["cut"] else ""
     return (
         f"{row['server']:<12} {row['n']:>4} {exact:>9} {row['busy']:>5} {s(row['ttft_p50_s']):>9} "
-        f"{s(row['ttft_p99_s']):>9} {s(row['answer_p50_s']):>11} {s(row['answer_p99_s']):>11} "
-        f"{row['gap_p99_ms']:>6.0f}ms {cpu:>10} {s(row['busy_p99_s']):>9}"
+        f"{s(row['ttft_p99_s']):>9} {p50:>11} {p99:>11} "
+        f"{row['gap_p99_ms']:>6.0f}ms {cpu:>10} {s(row['busy_p99_s']):>9}{cut}"
     )
 
 
+KINDS = {  # each kind of server in the chart: its label and colour
+    "chat_stream": ("chat_stream", "tab:blue"),
+    "redis": ("chat_stream, sessions on Redis", "tab:orange"),
+    "redis x2": ("chat_stream on Redis, two processes", "tab:red"),
+    "baseline": ("native-async baseline", "tab:gray"),
+    "plain": ("plain langchain-aws (astream)", "tab:purple"),
+}
+
+
 def chart(rows: list[dict[str, Any]], path: Path) -> None:
+    """Two panels: p99 answer time against N (log scale; a stopped row is an x at ROUND_LIMIT), CPU per token (N = 1
+    is off the chart: the idle event loop spread over few tokens)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    for kind, color in (
-        ("chat_stream", "tab:blue"),
-        ("redis", "tab:orange"),
-        ("redis x2", "tab:red"),
-        ("baseline", "tab:gray"),
-    ):
+    fig, (times, cpu) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=120)
+    for kind, (label, color) in KINDS.items():
         mine = [r for r in rows if r["server"] == kind and "n" in r]
-        if mine:
-            ns = [r["n"] for r in mine]
-            ax.plot(ns, [r["answer_p99_s"] for r in mine], "o-", color=color, label=f"{kind} p99")
-            if not kind.startswith("redis"):  # fewer lines: the p50s of the Redis rows sit on chat_stream's
-                ax.plot(ns, [r["answer_p50_s"] for r in mine], "o--", color=color, alpha=0.6, label=f"{kind} p50")
-            for r in mine:
-                if r["busy"]:
-                    streamed = r["n"] - r["busy"] // (r["streams"] // r["n"])
-                    note = f"{r['n']} asked: {streamed} streamed,\nthe rest told busy"
-                    ax.annotate(
-                        note,
-                        (r["n"], r["answer_p99_s"]),
-                        xytext=(-120, -40),
-                        textcoords="offset points",
-                        fontsize=8,
-                        arrowprops={"arrowstyle": "->", "color": color},
-                    )
-    ax.axhline(IDEAL, color="tab:green", linestyle=":", label=f"ideal ({IDEAL:.2f} s)")
-    ax.set_xlabel("concurrent streams (N)")
-    ax.set_ylabel("answer time (s)")
-    ax.set_ylim(bottom=0)
-    ax.set_title("Answer time vs concurrency (2 cores; redis x2: two processes)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        if not mine:
+            continue
+        done = [r for r in mine if not r["cut"]]
+        times.plot([r["n"] for r in done], [r["answer_p99_s"] for r in done], "o-", color=color, label=label)
+        for r in mine:
+            if r["cut"]:
+                times.plot(r["n"], ROUND_LIMIT, "x", color=color, markersize=10, markeredgewidth=2)
+                times.annotate(
+                    f"stopped at {ROUND_LIMIT:.0f} s",
+                    (r["n"], ROUND_LIMIT),
+                    xytext=(-80, -18),
+                    textcoords="offset points",
+                    fontsize=8,
+                    color=color,
+                )
+            elif r["busy"]:
+                times.annotate(
+                    f"{r['busy'] // (r['streams'] // r['n'])} of {r['n']} told busy",
+                    (r["n"], r["answer_p99_s"]),
+                    xytext=(-95, 12),
+                    textcoords="offset points",
+                    fontsize=8,
+                    color=color,
+                )
+        many = [r for r in mine if r["n"] > 1]
+        cpu.plot([r["n"] for r in many], [r["cpu_per_token_us"] for r in many], "o-", color=color, label=label)
+    times.axhline(IDEAL, color="tab:green", linestyle=":", label=f"ideal ({IDEAL:.2f} s)")
+    times.set(xlabel="concurrent streams (N)", ylabel="p99 answer time (s, log scale)", yscale="log")
+    times.set_title("p99 answer time vs concurrency (2 cores)")
+    times.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    times.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+    cpu.set(xlabel="concurrent streams (N)", ylabel="CPU per token (µs)", ylim=(0, None))
+    cpu.set_title("Server CPU per streamed token (Redis's included)")
+    for ax in (times, cpu):
+        ax.grid(alpha=0.3, which="both")
+    times.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -353,6 +430,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per N (N=1 runs five times as many)")
     parser.add_argument("--resuming", type=int, default=200, help="clients resuming at once (0: skip)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the native-async baseline server")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain langchain-aws server")
     parser.add_argument("--redis", type=int, nargs="*", default=[1, 50, 100, 200], help="concurrencies on Redis")
     parser.add_argument("--redis-x2", type=int, nargs="*", default=[200, 400], help="the same, on two processes")
     parser.add_argument("--out", type=Path, default=HERE / "docs", help="folder for bench.json and bench.png")
@@ -370,6 +448,8 @@ def main() -> None:
         rows += measure("redis x2", bedrock_url, args.redis_x2, args.rounds, args.resuming, servers=2)
     if not args.no_baseline:
         rows += measure("baseline", bedrock_url, args.n, args.rounds)
+    if not args.no_plain:
+        rows += measure("plain", bedrock_url, args.n, args.rounds)
     parent.send("done")
     bedrock.join(5)
 
@@ -377,12 +457,19 @@ def main() -> None:
     (args.out / "bench.json").write_text(json.dumps({"ideal_s": IDEAL, "rows": rows}, indent=1) + "\n")
     chart(rows, args.out / "bench.png")
     base = {r["n"]: r for r in rows if r["server"] == "baseline"}
-    for kind in ("chat_stream", "redis", "redis x2"):
+    for kind in ("chat_stream", "redis", "redis x2", "plain"):
         mine = {r["n"]: r for r in rows if r["server"] == kind and "n" in r}
         for n in sorted(mine.keys() & base.keys()):
+            if mine[n]["cut"]:
+                print(f"{kind} N={n}: stopped at {ROUND_LIMIT:.0f} s ({mine[n]['cut']} streams unfinished)")
+                continue
             p99 = mine[n]["answer_p99_s"] / base[n]["answer_p99_s"]
             cpu = mine[n]["cpu_per_token_us"] / base[n]["cpu_per_token_us"]
             print(f"{kind} N={n}: answer p99 {p99:.2f}x baseline, CPU per token {cpu:.2f}x baseline")
+    mine, plain = ({r["n"]: r for r in rows if r["server"] == k and "n" in r} for k in ("chat_stream", "plain"))
+    for n in sorted(n for n in mine.keys() & plain.keys() if not plain[n]["cut"]):
+        p99 = plain[n]["answer_p99_s"] / mine[n]["answer_p99_s"]
+        print(f"N={n}: the plain langchain-aws server's p99 answer time is {p99:.1f}x chat_stream's")
     print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
 
 
