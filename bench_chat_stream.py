@@ -403,7 +403,7 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
                 times.annotate(
                     f"{r['busy'] // (r['streams'] // r['n'])} of {r['n']} told busy",
                     (r["n"], r["answer_p99_s"]),
-                    xytext=(-95, 12),
+                    xytext=(-110, -24),
                     textcoords="offset points",
                     fontsize=8,
                     color=color,
