@@ -49,6 +49,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -790,7 +791,9 @@ class BedrockChat(ChatBedrockConverse):
         ) as self.aclient:
             # subtle: botocore retries timeouts too, which made a silent Bedrock cost several times `timeout`;
             # vetoing them keeps `timeout` the bound a client sees, while throttling and 5xx are still retried
-            self.aclient.meta.events.register_first("needs-retry.bedrock-runtime", no_retry_after_timeout)
+            events = self.aclient.meta.events
+            events.register("request-created.bedrock-runtime", mark_sent)
+            events.register_first("needs-retry.bedrock-runtime", partial(no_retry_after_timeout, timeout=timeout))
             yield
 
     async def _astream(
@@ -895,8 +898,22 @@ def add_cache_points(system: list[dict[str, Any]], messages: list[dict[str, Any]
             message["content"].append(point)
 
 
-def no_retry_after_timeout(caught_exception: Exception | None = None, **kwargs: Any) -> bool | None:
-    """botocore's needs-retry hook: False (no retry) after a timeout, None (botocore decides) otherwise."""
+def mark_sent(request: Any, **kwargs: Any) -> None:
+    """botocore's request-created hook: when each attempt starts (see no_retry_after_timeout)."""
+    request.context["sent_at"] = time.monotonic()
+
+
+def no_retry_after_timeout(
+    caught_exception: Exception | None = None, request_dict: Any = None, timeout: float = 0, **kwargs: Any
+) -> bool | None:
+    """botocore's needs-retry hook: False (no retry) after a timeout, None (botocore decides) otherwise. subtle: a
+    read "timeout" long before `timeout` passed is aiohttp 3.14 handing out a pooled connection that a stale read
+    timer already failed (aiohttp issues 12953, 13000; seen here after a held-back stream): that one is retried."""
+    if isinstance(caught_exception, ReadTimeoutError) and request_dict:
+        sent_at = request_dict.get("context", {}).get("sent_at")
+        if sent_at is not None and time.monotonic() - sent_at < timeout / 2:
+            log.info("retrying a request that timed out %.3fs after it was sent", time.monotonic() - sent_at)
+            return None
     return False if isinstance(caught_exception, ReadTimeoutError | ConnectTimeoutError) else None
 
 
