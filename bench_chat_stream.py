@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,29 +51,15 @@ def serve_bedrock(pipe: Any) -> None:
     pipe.recv()  # until the benchmark is done
 
 
-# --- the baseline: native async Bedrock calls written straight to the socket, same protocol, no LangChain
+# --- the two other servers, each a few lines in the same minimal WebSocket app: same protocol, no memory, no checks
 
 
-def baseline_app() -> Any:
-    from contextlib import asynccontextmanager
-
-    from aiobotocore.config import AioConfig
-    from aiobotocore.session import AioSession
+def minimal_app(texts: Callable[[str], AsyncIterator[str]], lifespan: Any = None) -> Any:
+    """A WebSocket server that streams `texts(question)` as token frames, between start and end."""
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route, WebSocketRoute
     from starlette.websockets import WebSocket, WebSocketDisconnect
-
-    clients: dict[str, Any] = {}
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> Any:
-        config = AioConfig(max_pool_connections=1024)
-        endpoint = os.environ["BEDROCK_ENDPOINT_URL"]
-        client = AioSession().create_client("bedrock-runtime", "us-east-1", endpoint_url=endpoint, config=config)
-        async with client as c:
-            clients["bedrock"] = c
-            yield
 
     async def chat(ws: WebSocket) -> None:
         await ws.accept()
@@ -81,15 +68,10 @@ def baseline_app() -> Any:
                 request = json.loads(await ws.receive_text())
                 session_id = request.get("session_id") or "new"
                 await ws.send_text(json.dumps({"type": "start", "session_id": session_id}))
-                response = await clients["bedrock"].converse_stream(
-                    modelId="amazon.nova-micro-v1:0",
-                    messages=[{"role": "user", "content": [{"text": request["question"]}]}],
-                )
                 parts: list[str] = []
-                async for event in response["stream"]:
-                    if text := event.get("contentBlockDelta", {}).get("delta", {}).get("text"):
-                        parts.append(text)
-                        await ws.send_text(json.dumps({"type": "token", "text": text}))
+                async for text in texts(request["question"]):
+                    parts.append(text)
+                    await ws.send_text(json.dumps({"type": "token", "text": text}))
                 end = {"type": "end", "session_id": session_id, "full_text": "".join(parts), "stop_reason": "end_turn"}
                 await ws.send_text(json.dumps(end))
         except WebSocketDisconnect:
@@ -102,43 +84,50 @@ def baseline_app() -> Any:
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-# --- the plain way: what langchain-aws's documentation leads to, ChatBedrockConverse.astream to the socket
+def baseline_app() -> Any:
+    """The floor: native async Bedrock calls (aiobotocore) written straight to the socket, no LangChain."""
+    from contextlib import asynccontextmanager
+
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import AioSession
+
+    clients: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        config = AioConfig(max_pool_connections=1024)
+        endpoint = os.environ["BEDROCK_ENDPOINT_URL"]
+        client = AioSession().create_client("bedrock-runtime", "us-east-1", endpoint_url=endpoint, config=config)
+        async with client as c:
+            clients["bedrock"] = c
+            yield
+
+    async def texts(question: str) -> AsyncIterator[str]:
+        response = await clients["bedrock"].converse_stream(
+            modelId="amazon.nova-micro-v1:0", messages=[{"role": "user", "content": [{"text": question}]}]
+        )
+        async for event in response["stream"]:
+            if text := event.get("contentBlockDelta", {}).get("delta", {}).get("text"):
+                yield text
+
+    return minimal_app(texts, lifespan)
 
 
 def plain_app() -> Any:
-    """One ChatBedrockConverse for the process, `astream` forwarded to the WebSocket, the library's defaults
-    (its async stream runs each chunk's blocking read in the event loop's default thread pool); no memory, no checks.
-    """
+    """The plain langchain-aws way, as its documentation leads to: one ChatBedrockConverse for the process, its
+    `astream` forwarded to the socket, the library's defaults (its async stream runs each chunk's blocking read in
+    the event loop's default thread pool)."""
     from langchain_aws import ChatBedrockConverse
-    from starlette.applications import Starlette
-    from starlette.responses import PlainTextResponse
-    from starlette.routing import Route, WebSocketRoute
-    from starlette.websockets import WebSocket, WebSocketDisconnect
 
     endpoint = os.environ["BEDROCK_ENDPOINT_URL"]
     model = ChatBedrockConverse(model="amazon.nova-micro-v1:0", region_name="us-east-1", endpoint_url=endpoint)
 
-    async def chat(ws: WebSocket) -> None:
-        await ws.accept()
-        try:
-            while True:
-                request = json.loads(await ws.receive_text())
-                session_id = request.get("session_id") or "new"
-                await ws.send_text(json.dumps({"type": "start", "session_id": session_id}))
-                parts: list[str] = []
-                async for chunk in model.astream(request["question"]):
-                    if text := chunk.text:
-                        parts.append(text)
-                        await ws.send_text(json.dumps({"type": "token", "text": text}))
-                end = {"type": "end", "session_id": session_id, "full_text": "".join(parts), "stop_reason": "end_turn"}
-                await ws.send_text(json.dumps(end))
-        except WebSocketDisconnect:
-            pass
+    async def texts(question: str) -> AsyncIterator[str]:
+        async for chunk in model.astream(question):
+            if text := chunk.text:
+                yield text
 
-    async def healthz(request: Any) -> PlainTextResponse:
-        return PlainTextResponse("ok")
-
-    return Starlette(routes=[Route("/healthz", healthz), WebSocketRoute("/ws/chat/completions", chat)])
+    return minimal_app(texts)
 
 
 # --- servers, CPU accounting
