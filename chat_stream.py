@@ -215,9 +215,7 @@ DRAIN_TIMEOUT = setting("DRAIN_TIMEOUT", positive_number, 20.0)  # seconds SIGTE
 SESSION_TTL = setting("SESSION_TTL", seconds, 900.0)  # seconds a session outlives its connection; 0 = dies with it
 RESUME_GRACE = min(setting("RESUME_GRACE", seconds, 30.0), SESSION_TTL)  # seconds an answer streams on, unread
 MAX_SESSIONS = setting("MAX_SESSIONS", positive_int, 10_000)  # per process; when full the oldest detached one goes
-REDIS_URL = setting(
-    "REDIS_URL", redis_url, None, secret=True
-)  # sessions shared by processes and replicas; unset: this process
+REDIS_URL = setting("REDIS_URL", redis_url, None, secret=True)  # sessions shared by processes; unset: this one
 MAX_FRAMES_PER_SECOND = setting("MAX_FRAMES_PER_SECOND", positive_int, 20)  # per connection; over it: close 1008
 MAX_SESSION_ID_CHARS = 128
 MAX_FRAME_BYTES = 12 * (MAX_QUESTION_CHARS + MAX_SESSION_ID_CHARS) + 1024  # larger: closed with 1009 by uvicorn
@@ -271,7 +269,7 @@ CONNECTIONS: dict[WebSocket, asyncio.Task[None] | None] = {}  # open chat socket
 # (None: idle), at most MAX_CONNECTIONS; each leaves in its handler's `finally`
 STREAMS: set[asyncio.Task[None]] = set()  # answers whose Bedrock stream is open; at most MAX_CONCURRENT_STREAMS
 # (an answer being stopped to make room may hold its place a moment longer)
-BACKGROUND: set[asyncio.Task[Any]] = set()  # small tasks nobody awaits (grace checks, notices), until they end
+BACKGROUND: set[asyncio.Task[Any]] = set()  # tasks nobody awaits (grace checks, the store's), until they end
 DRAINING = asyncio.Event()  # set on SIGTERM: /healthz says 503, no new handshake or question, answers finish
 WINDOW = 64  # tokens an answer may read ahead of a connection that reads slowly; then Bedrock's stream waits
 
@@ -307,11 +305,11 @@ def attach(session: Session, ws: WebSocket) -> None:
 
 def detach(session: Session) -> None:
     """Its connection closed. The session waits SESSION_TTL for a resume; its answer streams on for RESUME_GRACE."""
+    unfollow(session)
     if SESSION_TTL == 0:
         drop(session)
         return
     session.owner = None
-    unfollow(session)
     DETACHED[session.id] = session
     loop = asyncio.get_running_loop()
     session.timers.append(loop.call_later(SESSION_TTL, drop, session))
@@ -386,10 +384,11 @@ def drop(session: Session) -> None:
         session.pending.task.cancel()  # subtle: not when a cancel is on its way already, which would lose its reason
 
 
-def background(coroutine: Any) -> None:
+def background(coroutine: Any) -> asyncio.Task[Any]:
     task = asyncio.create_task(coroutine)
     BACKGROUND.add(task)
     task.add_done_callback(BACKGROUND.discard)
+    return task
 
 
 # --- the store: where sessions live for other processes. In-process by default (nothing is shared); in Redis with
@@ -450,6 +449,10 @@ def digest(token: str) -> bytes:
 
 def milliseconds(seconds: float) -> int:
     return int(seconds * 1000)
+
+
+def dumps(history: list[BaseMessage]) -> str:
+    return json.dumps([[m.type, m.text] for m in history], ensure_ascii=False)  # read back with MESSAGES
 
 
 class RedisStore(Store):
@@ -542,7 +545,6 @@ class RedisStore(Store):
         self.wake = asyncio.Event()  # something to write
         self.beat_at = 0.0  # when the process's key is renewed next (loop time)
         self.touch_at = 0.0  # when the keys of the sessions attached here are renewed next
-        self.tasks: set[asyncio.Task[None]] = set()  # the writer, the listener, and a follower per resumed turn
 
     def session_key(self, session_id: str) -> str:
         return f"chat:session:{session_id}"
@@ -550,21 +552,16 @@ class RedisStore(Store):
     def turn_key(self, turn_id: str) -> str:
         return f"chat:turn:{turn_id}"
 
-    def run(self, coroutine: Any) -> asyncio.Task[None]:
-        task = asyncio.create_task(coroutine)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
-
     async def open(self) -> None:
         await self.redis.ping()
-        self.run(self.write())
-        self.run(self.listen())
+        background(self.write())
+        background(self.listen())
 
     async def close(self) -> None:
-        for task in self.tasks:
+        tasks = list(BACKGROUND)  # the writer, the listener, followers, and notices on their way
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         try:
             await self.flush(beat=False)
             await self.redis.delete(self.process)  # its turns are over: followers elsewhere know it at once
@@ -573,10 +570,9 @@ class RedisStore(Store):
         await self.redis.aclose()
 
     async def begin(self, session: Session, turn: Turn) -> bool:
-        history = json.dumps([[m.type, m.text] for m in session.history], ensure_ascii=False)
         keys = [self.session_key(session.id), self.process]
-        args = [session.claim, digest(session.resume_token), history, turn.id, turn.question, self.held_ttl]
-        if not await self.scripts["BEGIN"](keys, [*args, milliseconds(self.LEASE), PROCESS]):
+        args = [session.claim, digest(session.resume_token), dumps(session.history), turn.id, turn.question]
+        if not await self.scripts["BEGIN"](keys, [*args, self.held_ttl, milliseconds(self.LEASE), PROCESS]):
             return False
         self.live.add(turn)
         self.record(turn)  # the tokens read meanwhile
@@ -597,23 +593,28 @@ class RedisStore(Store):
             log.warning("could not publish on %s: %s", channel, exc)
 
     async def settle(self, session: Session, turn: Turn) -> None:
-        history = json.dumps([[m.type, m.text] for m in session.history], ensure_ascii=False)
         keys = [self.session_key(session.id), self.turn_key(turn.id)]
         try:
-            await self.scripts["SETTLE"](keys, [turn.id, history, self.held_ttl])
+            await self.scripts["SETTLE"](keys, [turn.id, dumps(session.history), self.held_ttl])
         except RedisError as exc:  # the next question writes the session whole again
             log.warning("could not record turn=%s in Redis: %s", turn.id, exc)
 
     async def claim(self, session_id: str, token: str, ws: WebSocket) -> Session | None:
+        full = f"{MAX_SESSIONS=} are all in use; try again later."
+        # subtle: the copy held here is taken before the round trip, during which this claim's own notice (on
+        # chat:moved) may let it go; its answer, read here, is then still delivered from memory
         old = SESSIONS.get(session_id)
-        if old is None and not admit():
-            raise BadRequest("busy", f"{MAX_SESSIONS=} are all in use; try again later.", session_id)
+        if old is None and len(SESSIONS) >= MAX_SESSIONS and not DETACHED:
+            raise BadRequest("busy", full, session_id)
         session = Session(session_id, ws, token)
         args = [session.claim, digest(token), self.held_ttl, session_id]
         if not (saved := await self.scripts["CLAIM"]([self.session_key(session_id)], args)):
-            return None
+            return None  # subtle: only a valid token may evict a detached session below, to make room
+        if old is None and not admit():  # they filled up during the round trip
+            await self.release(session)
+            raise BadRequest("busy", full, session_id)
         history, turn_id, question, producer = (value.decode() for value in saved[2:])
-        session.history = [MESSAGES[kind](text) for kind, text in json.loads(history)]
+        session.history = [MESSAGES[kind](text) for kind, text in json.loads(history)]  # as dumps() wrote it
         if old and old.pending and old.pending.id == turn_id and old.pending.producer is None:
             session.pending = old.pending  # read here: delivered from memory
         elif turn_id:
@@ -696,7 +697,7 @@ class RedisStore(Store):
         entries = await self.redis.xrange(self.turn_key(turn.id))
         last = self.apply(session, turn, entries) if entries else b"0-0"
         if turn.final is None:
-            turn.task = self.run(self.tail(session, turn, last))
+            turn.task = background(self.tail(session, turn, last))
         return turn
 
     def apply(self, session: Session, turn: Turn, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> bytes:

@@ -1697,6 +1697,21 @@ def test_drops_at_random_moments_across_processes(pair: list[Server], bedrock: F
     drop_at_random(bedrock, [server.ws_url for server in pair], "unlucky across")
 
 
+# With Redis, a process holding MAX_SESSIONS (1 here) makes room for a resumed session only once its token is
+# valid: resumes with wrong tokens do not evict the detached session whose answer streams on for its client.
+def test_wrong_tokens_evict_nothing(store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, "MAX_SESSIONS": 1, "REDIS_URL": store.url}
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
+        seen = begin(server, bedrock, "keep me streaming", 100, 3, delay=0.02)
+        start, tokens = seen[0], [f" keep{i}" for i in range(100)]
+        with connect(server.ws_url) as ws:
+            for i in range(10):
+                frame = {"session_id": f"other {i}", "resume_token": "x" * 43}
+                assert resume(ws, {**start, **frame})["code"] == "not_found"
+            assert resume(ws, start, turn_id=start["turn_id"], after=3) == resumed(start, "keep me streaming")
+            assert read_answer(ws) == whole_answer(start, tokens, 4)
+
+
 # A cancel on B stops the answer A reads: Bedrock's stream closes, and B's client gets the end frame, cancelled.
 def test_cancel_across_processes(pair: list[Server], bedrock: FakeBedrock) -> None:
     a, b = pair
