@@ -125,6 +125,12 @@ def positive_int(raw: str) -> int:
     return value
 
 
+def port_number(raw: str) -> int:
+    if not 1 <= (value := int(raw)) <= 65535:  # subtle: asyncio takes 70000, and listens on 70000 - 65536 instead
+        raise ValueError(raw)
+    return value
+
+
 def positive_number(raw: str) -> float:
     if not (value := float(raw)) > 0:
         raise ValueError(raw)
@@ -193,7 +199,7 @@ TEMPERATURE = setting("TEMPERATURE", number_from_0_to_1, 0.3)  # sampling temper
 MAX_TOKENS = setting("MAX_TOKENS", positive_int, 4096)  # cap on answer length; it also bounds an answer's memory
 SYSTEM_PROMPT = setting("SYSTEM_PROMPT", str, None)  # sent first in every request
 HOST = setting("HOST", str, "127.0.0.1")  # where `python chat_stream.py` listens
-PORT = setting("PORT", positive_int, 8000)
+PORT = setting("PORT", port_number, 8000)
 WORKERS = setting("WORKERS", positive_int, 1)  # uvicorn worker processes; sessions cross them with REDIS_URL only
 STREAM_TIMEOUT = setting("STREAM_TIMEOUT", positive_number, 60.0)  # seconds Bedrock may stay silent: "timeout"
 MAX_CONCURRENT_STREAMS = setting("MAX_CONCURRENT_STREAMS", positive_int, 256)  # per process; over it: "busy"

@@ -687,6 +687,7 @@ def test_offline_model_end_turn(tmp_path: Path) -> None:
     [
         ("TEMPERATURE", "warm"),
         ("PORT", "-1"),
+        ("PORT", "70000"),
         ("MAX_TOKENS", "lots"),
         ("STREAM_TIMEOUT", "0"),
         ("ALLOWED_HOSTS", "chat.*.example"),
