@@ -332,6 +332,8 @@ SETTINGS = [
     "GUARDRAIL_VERSION",
     "GUARDRAIL_STREAM_MODE",
     "BEDROCK_PROVIDER",
+    "METRICS",
+    "LOG_FORMAT",
 ]
 
 
@@ -339,6 +341,7 @@ def server_env(**settings: Any) -> dict[str, str]:
     """The environment of a test server: fake credentials, and every setting given (blank = default, None =
     unset), so that neither the developer's AWS configuration nor a .env file beside the module can leak in."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k not in SETTINGS}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the server sets it for its workers (blank would mean a folder "")
     env |= dict.fromkeys([k for k in SETTINGS if not k.startswith("AWS_")], "")  # boto3 reads a blank AWS_PROFILE
     env |= {"AWS_ACCESS_KEY_ID": "AKIAFAKE", "AWS_SECRET_ACCESS_KEY": "fake", "AWS_EC2_METADATA_DISABLED": "true"}
     env |= {"AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard", "PYTHONUNBUFFERED": "1"}

@@ -13,7 +13,8 @@ moment: the time from the resume frame to the first replayed token (p50/p99), ev
 The same again with sessions on Redis (REDIS_URL, one local redis-server, whose CPU counts too): "redis" is one
 chat_stream process; "redis x2" is two, each client asking one of them and resuming on the other. And the same
 load against "plain": a server written the way langchain-aws's documentation leads to (ChatBedrockConverse.astream
-forwarded to the socket, the library's defaults). A round that needs more than ROUND_LIMIT seconds is stopped.
+forwarded to the socket, the library's defaults). What the metrics cost: chat_stream with them and with METRICS=off,
+both running, their rounds at N=200 taken in turn. A round that needs more than ROUND_LIMIT seconds is stopped.
 Writes a table to stdout, and docs/bench.json and docs/bench.png.
 """
 
@@ -27,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -136,7 +138,7 @@ def plain_app() -> Any:
 def start_server(kind: str, bedrock_url: str, **settings: Any) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = server_env(PORT=port, BEDROCK_ENDPOINT_URL=bedrock_url, **settings)
-    if kind not in ("baseline", "plain"):
+    if kind not in ("baseline", "plain"):  # chat_stream, however set
         command = [sys.executable, "chat_stream.py"]  # as users start it
     else:
         app, flags = f"bench_chat_stream:{kind}_app", ["--ws-per-message-deflate", "false", "--log-level", "warning"]
@@ -257,6 +259,66 @@ def percentile(values: list[float], p: float) -> float | None:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
+def row_of(kind: str, n: int, results: list[dict[str, Any]], cpu: float) -> dict[str, Any]:
+    """One row of the table: N clients at once, over one or more rounds."""
+    answered = [r for r in results if not r["busy"] and not r["cut"]]
+    tokens, cut = sum(r["tokens"] for r in results), sum(r["cut"] for r in results)
+    row = {
+        "server": kind,
+        "n": n,
+        "streams": len(results),
+        "exact": sum(r["exact"] for r in results),
+        "busy": sum(r["busy"] for r in results),
+        "errors": sorted({r["error"] for r in results if r["error"] and not r["busy"]}),
+        "busy_p99_s": percentile([r["total"] for r in results if r["busy"]], 99),
+        "ttft_p50_s": percentile([r["ttft"] for r in answered if r["ttft"] is not None], 50),
+        "ttft_p99_s": percentile([r["ttft"] for r in answered if r["ttft"] is not None], 99),
+        "answer_p50_s": percentile([r["total"] for r in answered], 50),
+        "answer_p99_s": percentile([r["total"] for r in answered], 99),
+        "gap_p99_ms": 1000 * (percentile([g for r in answered for g in r["gaps"]], 99) or 0),
+        "cpu_per_token_us": 1e6 * cpu / tokens if tokens else None,
+        "cut": cut,  # streams unfinished when the round was stopped at ROUND_LIMIT
+    }
+    if cut:  # the slowest answers are the ones cut: the percentiles of the others would flatter it
+        row |= {"answer_p50_s": None, "answer_p99_s": None, "stopped_after_s": ROUND_LIMIT}
+    return row
+
+
+def metrics_cost(bedrock_url: str, n: int, rounds: int) -> list[dict[str, Any]]:
+    """chat_stream with its metrics and with METRICS=off, both started, their rounds taken in turn (on, off, on,
+    off, ...) so that the machine's drift falls on both alike; then what one scrape of /metrics costs."""
+    servers = {kind: start_server(kind, bedrock_url, METRICS=m) for kind, m in METRICS_KINDS.items()}
+    urls = {kind: [f"ws://127.0.0.1:{port}/ws/chat/completions"] for kind, (_, port) in servers.items()}
+    results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in servers}
+    cpu = dict.fromkeys(servers, 0.0)
+    try:
+        for kind, (process, _) in servers.items():
+            asyncio.run(one_round(urls[kind], 10, [process.pid]))  # warm up
+        for _ in range(rounds):
+            for kind, (process, _) in servers.items():
+                r, c = asyncio.run(one_round(urls[kind], n, [process.pid]))
+                results[kind] += r
+                cpu[kind] += c
+        rows = [row_of(kind, n, results[kind], cpu[kind]) for kind in servers]
+        for row in rows:
+            print(format_row(row), flush=True)
+        process, port = servers["metrics on"]
+        before = cpu_seconds([process.pid])
+        for _ in range(100):
+            scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read()
+        scrape_ms = 1000 * (cpu_seconds([process.pid]) - before) / 100
+        rows[0] |= {"scrape_cpu_ms": scrape_ms, "scrape_bytes": len(scraped)}
+        print(f"one scrape of /metrics: {len(scraped)} bytes, {scrape_ms:.1f} ms of server CPU", flush=True)
+    finally:
+        for process, _ in servers.values():
+            process.terminate()
+            process.wait()
+    return rows
+
+
+METRICS_KINDS = {"metrics on": "on", "metrics off": "off"}  # chat_stream, with METRICS set so
+
+
 def measure(
     kind: str, bedrock_url: str, ns: list[int], rounds: int, resumes: int = 0, servers: int = 1
 ) -> list[dict[str, Any]]:
@@ -278,31 +340,11 @@ def measure(
                 r, c = asyncio.run(one_round(urls, n, pids))
                 results += r
                 cpu += c
-                if cut := sum(x["cut"] for x in r):
+                if any(x["cut"] for x in r):
                     stopped = True
                     break
-            answered = [r for r in results if not r["busy"] and not r["cut"]]
-            tokens = sum(r["tokens"] for r in results)
-            row = {
-                "server": kind,
-                "n": n,
-                "streams": len(results),
-                "exact": sum(r["exact"] for r in results),
-                "busy": sum(r["busy"] for r in results),
-                "errors": sorted({r["error"] for r in results if r["error"] and not r["busy"]}),
-                "busy_p99_s": percentile([r["total"] for r in results if r["busy"]], 99),
-                "ttft_p50_s": percentile([r["ttft"] for r in answered if r["ttft"] is not None], 50),
-                "ttft_p99_s": percentile([r["ttft"] for r in answered if r["ttft"] is not None], 99),
-                "answer_p50_s": percentile([r["total"] for r in answered], 50),
-                "answer_p99_s": percentile([r["total"] for r in answered], 99),
-                "gap_p99_ms": 1000 * (percentile([g for r in answered for g in r["gaps"]], 99) or 0),
-                "cpu_per_token_us": 1e6 * cpu / tokens if tokens else None,
-                "cut": cut,  # streams unfinished when the round was stopped at ROUND_LIMIT
-            }
-            if cut:  # the slowest answers are the ones cut: the percentiles of the others would flatter it
-                row |= {"answer_p50_s": None, "answer_p99_s": None, "stopped_after_s": ROUND_LIMIT}
-            rows.append(row)
-            print(format_row(row), flush=True)
+            rows.append(row_of(kind, n, results, cpu))
+            print(format_row(rows[-1]), flush=True)
         if resumes:  # clients that lost their connection mid-answer, all resuming at the same moment
             results = [r for _ in range(rounds) for r in asyncio.run(resume_round(urls, resumes))]
             waits = [r["first_token"] for r in results]
@@ -422,6 +464,7 @@ def main() -> None:
     parser.add_argument("--no-plain", action="store_true", help="skip the plain langchain-aws server")
     parser.add_argument("--redis", type=int, nargs="*", default=[1, 50, 100, 200], help="concurrencies on Redis")
     parser.add_argument("--redis-x2", type=int, nargs="*", default=[200, 400], help="the same, on two processes")
+    parser.add_argument("--metrics-cost", type=int, default=200, help="N for metrics on vs METRICS=off (0: skip)")
     parser.add_argument("--out", type=Path, default=HERE / "docs", help="folder for bench.json and bench.png")
     args = parser.parse_args()
 
@@ -435,6 +478,8 @@ def main() -> None:
         rows += measure("redis", bedrock_url, args.redis, args.rounds, args.resuming)
     if args.redis_x2:
         rows += measure("redis x2", bedrock_url, args.redis_x2, args.rounds, args.resuming, servers=2)
+    if args.metrics_cost:
+        rows += metrics_cost(bedrock_url, args.metrics_cost, args.rounds + 2)
     if not args.no_baseline:
         rows += measure("baseline", bedrock_url, args.n, args.rounds)
     if not args.no_plain:
@@ -455,6 +500,11 @@ def main() -> None:
             p99 = mine[n]["answer_p99_s"] / base[n]["answer_p99_s"]
             cpu = mine[n]["cpu_per_token_us"] / base[n]["cpu_per_token_us"]
             print(f"{kind} N={n}: answer p99 {p99:.2f}x baseline, CPU per token {cpu:.2f}x baseline")
+    on, off = ({r["n"]: r for r in rows if r["server"] == k} for k in METRICS_KINDS)
+    for n in sorted(on.keys() & off.keys()):
+        cpu = on[n]["cpu_per_token_us"] / off[n]["cpu_per_token_us"] - 1
+        p99 = on[n]["answer_p99_s"] / off[n]["answer_p99_s"] - 1
+        print(f"N={n}: metrics cost {cpu:+.1%} CPU per token, {p99:+.1%} answer p99 (on vs METRICS=off, in turn)")
     mine, plain = ({r["n"]: r for r in rows if r["server"] == k and "n" in r} for k in ("chat_stream", "plain"))
     for n in sorted(n for n in mine.keys() & plain.keys() if not plain[n]["cut"]):
         p99 = plain[n]["answer_p99_s"] / mine[n]["answer_p99_s"]

@@ -40,16 +40,20 @@ import ipaddress
 import itertools
 import json
 import logging
+import logging.config
 import os
 import re
 import resource
 import secrets
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -85,6 +89,16 @@ from langchain_core.messages import (
 )
 from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    multiprocess,
+)
+from prometheus_client.exposition import choose_encoder
 from pydantic import model_validator
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
@@ -94,7 +108,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -104,6 +118,30 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 
 T = TypeVar("T")
 load_dotenv()  # a .env file beside this module (or in a folder above it); variables already set win
+
+
+class JSONLines(logging.Formatter):
+    """LOG_FORMAT=json: a record as one line of JSON (time, level, logger, message; an answer's fields; a traceback,
+    escaped into the line). ASCII only, so that no byte a client sent can break the line or its encoding."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **getattr(record, "answer", {}),  # see `account`
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def early_line(message: str, level: str = "CRITICAL") -> str:
+    """A line written before logging is set up (a bad setting, say): as a log line is, in LOG_FORMAT."""
+    if os.environ.get("LOG_FORMAT", "").strip().lower() != "json":  # subtle: raw, as LOG_FORMAT may be the bad one
+        return f"chat_stream: {'warning: ' if level == 'WARNING' else ''}{message}"
+    return JSONLines().format(logging.makeLogRecord({"name": "chat_stream", "levelname": level, "msg": message}))
 
 
 def setting(key: str, cast: Callable[[str], T], default: T, secret: bool = False) -> T:
@@ -116,7 +154,7 @@ def setting(key: str, cast: Callable[[str], T], default: T, secret: bool = False
         return cast(raw)
     except ValueError:
         shown = "(not shown: it may hold a password)" if secret else f"={raw!r}"
-        sys.exit(f"chat_stream: bad setting {key}{shown}: expected {cast.__name__.replace('_', ' ')}")
+        sys.exit(early_line(f"bad setting {key}{shown}: expected {cast.__name__.replace('_', ' ')}"))
 
 
 def positive_int(raw: str) -> int:
@@ -211,7 +249,7 @@ GUARDRAIL_ID = setting("GUARDRAIL_ID", str, None)  # a Bedrock guardrail applied
 GUARDRAIL_VERSION = setting("GUARDRAIL_VERSION", str, None)
 GUARDRAIL_STREAM_MODE = setting("GUARDRAIL_STREAM_MODE", one_of("sync", "async"), "sync")  # Bedrock's two modes
 if (GUARDRAIL_ID is None) != (GUARDRAIL_VERSION is None):
-    sys.exit("chat_stream: set both GUARDRAIL_ID and GUARDRAIL_VERSION, or neither")
+    sys.exit(early_line("set both GUARDRAIL_ID and GUARDRAIL_VERSION, or neither"))
 CHAT_API_KEY = setting("CHAT_API_KEY", str, None)  # if set, handshakes need "Bearer <key>" or ?token=<key>
 ALLOWED_ORIGINS = setting("ALLOWED_ORIGINS", origins, frozenset())  # browser origins besides our own; "*" = any
 ALLOWED_HOSTS = setting("ALLOWED_HOSTS", hosts, loopback_and(HOST))  # Host headers served (DNS rebinding); "*" = any
@@ -223,6 +261,8 @@ RESUME_GRACE = min(setting("RESUME_GRACE", seconds, 30.0), SESSION_TTL)  # secon
 MAX_SESSIONS = setting("MAX_SESSIONS", positive_int, 10_000)  # per process; when full the oldest detached one goes
 REDIS_URL = setting("REDIS_URL", redis_url, None, secret=True)  # sessions shared by processes; unset: this one
 MAX_FRAMES_PER_SECOND = setting("MAX_FRAMES_PER_SECOND", positive_int, 20)  # per connection; over it: close 1008
+METRICS = setting("METRICS", one_of("on", "off"), "on") == "on"  # GET /metrics for Prometheus; "off": no route
+LOG_FORMAT = setting("LOG_FORMAT", one_of("text", "json"), "text")  # "json": every line one JSON object
 MAX_SESSION_ID_CHARS = 128
 MAX_FRAME_BYTES = 12 * (MAX_QUESTION_CHARS + MAX_SESSION_ID_CHARS) + 1024  # larger: closed with 1009 by uvicorn
 # subtle: 12 bytes a character is the worst valid encoding, an astral character escaped as a surrogate pair
@@ -231,6 +271,23 @@ REQUEST_TIMEOUT = 5  # seconds for a whole HTTP request, from the connection or 
 
 log = logging.getLogger("uvicorn.error.chat_stream")  # subtle: a child of uvicorn's logger, so it is configured
 # however the app was started (python chat_stream.py, uvicorn CLI, workers)
+LOG_CONFIG = {  # LOG_FORMAT=json: uvicorn's LOGGING_CONFIG with JSON lines, and the root logger's (Python's warnings,
+    "version": 1,  # asyncio's, botocore's) too
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": JSONLines}},
+    "handlers": {
+        "stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"},
+        "stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"},
+    },
+    "loggers": {
+        "uvicorn": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
+        "uvicorn.access": {"handlers": ["stdout"], "level": "INFO", "propagate": False},
+    },
+    "root": {"handlers": ["stderr"], "level": "WARNING"},
+}
+if LOG_FORMAT == "json":  # now, not only in serve(): `uvicorn chat_stream:app` set up uvicorn's text lines already
+    logging.config.dictConfig(LOG_CONFIG)
+    logging.captureWarnings(True)
 
 
 # --- sessions: each conversation, its resume token and its answer in flight; what the process holds, bounded
@@ -831,8 +888,9 @@ class BedrockChat(ChatBedrockConverse):
                         continue
                     if chunk.usage_metadata:
                         chunk.response_metadata["model_name"] = self.base_model_id or self.model_id
-                        chunk.response_metadata["cache_read_input_tokens"] = usage.get("cacheReadInputTokens", 0)
-                        chunk.response_metadata["cache_write_input_tokens"] = usage.get("cacheWriteInputTokens", 0)
+                        for key, bedrock_key in CACHE_USAGE.items():
+                            if bedrock_key in usage:  # with cache points only
+                                chunk.response_metadata[key] = usage[bedrock_key]
                     yield ChatGenerationChunk(message=chunk)
         finally:
             stream.close()  # subtle: closes the HTTP connection now, even when cancelled, not at garbage collection
@@ -890,7 +948,10 @@ PROMPT_CACHE_MODELS = (  # base model ids that take cache points through Convers
 )
 
 
-CACHE_USAGE = ("cache_read_input_tokens", "cache_write_input_tokens")  # Bedrock's cache figures, as end.usage has them
+CACHE_USAGE = {  # Bedrock's cache figures, as end.usage names them: Bedrock's names
+    "cache_read_input_tokens": "cacheReadInputTokens",
+    "cache_write_input_tokens": "cacheWriteInputTokens",
+}
 
 
 def add_cache_points(system: list[dict[str, Any]], messages: list[dict[str, Any]]) -> None:
@@ -906,7 +967,10 @@ def add_cache_points(system: list[dict[str, Any]], messages: list[dict[str, Any]
 
 
 def mark_sent(request: Any, **kwargs: Any) -> None:
-    """botocore's request-created hook: when each attempt starts (see no_retry_after_timeout)."""
+    """botocore's request-created hook: when each attempt starts (see no_retry_after_timeout); a second one of the
+    same call (its context is the call's) is a retry."""
+    if METRICS and "sent_at" in request.context:
+        UPSTREAM_RETRIES.inc()
     request.context["sent_at"] = time.monotonic()
 
 
@@ -928,7 +992,7 @@ def build_model() -> BaseChatModel:
     if BEDROCK_MODEL_ID == "offline":
         return OfflineChat(max_tokens=MAX_TOKENS)
     if BEDROCK_MODEL_ID.startswith("arn:") and not BEDROCK_PROVIDER:
-        sys.exit("chat_stream: BEDROCK_MODEL_ID is an ARN: set BEDROCK_PROVIDER too (anthropic, amazon, meta, ...)")
+        sys.exit(early_line("BEDROCK_MODEL_ID is an ARN: set BEDROCK_PROVIDER too (anthropic, amazon, meta, ...)"))
     return BedrockChat(
         model_id=BEDROCK_MODEL_ID,
         provider=BEDROCK_PROVIDER,
@@ -1027,6 +1091,137 @@ async def send(ws: WebSocket, frame: dict[str, Any]) -> None:
     await ws.send_text(json.dumps(frame, ensure_ascii=False))
 
 
+# --- metrics: what Prometheus scrapes at /metrics, named as OpenTelemetry's GenAI conventions name them
+
+disable_created_metrics()  # no *_created series: with WORKERS > 1 there are none, and they double the series
+MULTIPROCESS = os.environ.get("PROMETHEUS_MULTIPROC_DIR")  # with WORKERS > 1 (see serve): where each worker writes
+REGISTRY = CollectorRegistry()  # subtle: not prometheus-client's global one, as a worker imports this module twice
+if MULTIPROCESS:
+    SCRAPED = CollectorRegistry()
+    multiprocess.MultiProcessCollector(SCRAPED)  # every worker's files, read at each scrape
+else:
+    SCRAPED = REGISTRY
+    ProcessCollector(registry=REGISTRY)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds
+MODEL_LABEL = "gen_ai_request_model"
+DURATION = Histogram(
+    "gen_ai_client_operation_duration_seconds",
+    "Whole answers, from the question to the final frame, whatever their outcome.",
+    [MODEL_LABEL, "outcome"],
+    buckets=(0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92),  # the GenAI
+    registry=REGISTRY,  # conventions' boundaries, as for the next two
+)
+FIRST_CHUNK = Histogram(
+    "gen_ai_client_time_to_first_chunk_seconds",
+    "From the question to the answer's first token, for answers that streamed one.",
+    [MODEL_LABEL],
+    buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0),
+    registry=REGISTRY,
+)
+TOKENS = Histogram(
+    "gen_ai_client_token_usage",
+    "Tokens per answer, as the model reported them (answers with no usage from the model are not counted).",
+    [MODEL_LABEL, "gen_ai_token_type"],
+    buckets=tuple(4.0**k for k in range(14)),  # 1, 4, 16, ... 67108864
+    registry=REGISTRY,
+)
+TOKEN_TYPES = {  # the usage an answer reports, and the token types the GenAI conventions name
+    "input_tokens": "input",
+    "output_tokens": "output",
+    "cache_read_input_tokens": "cache_read",
+    "cache_write_input_tokens": "cache_write",
+}
+ANSWERS = Counter(
+    "chat_stream_answers",
+    "Answers, by how each ended: end, cancelled, disconnected or an error code.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+REFUSALS = Counter(
+    "chat_stream_refusals",
+    "Error frames that end no answer (busy, not_found, ...), by code.",
+    ["code"],
+    registry=REGISTRY,
+)
+UPSTREAM_RETRIES = Counter(
+    "chat_stream_upstream_retries",
+    "Bedrock requests botocore sent again (throttling, 5xx, connection errors).",
+    registry=REGISTRY,
+)
+CONNECTIONS_OPEN = Gauge(
+    "chat_stream_connections", "Open chat WebSockets.", multiprocess_mode="livesum", registry=REGISTRY
+)
+SESSIONS_HELD = Gauge(
+    "chat_stream_sessions",
+    "Sessions held, attached or waiting for a resume.",
+    multiprocess_mode="livesum",
+    registry=REGISTRY,
+)
+STREAMS_OPEN = Gauge(
+    "chat_stream_streams",
+    "Bedrock streams open, detached answers included.",
+    multiprocess_mode="livesum",
+    registry=REGISTRY,
+)
+OUTCOMES = ("end", "cancelled", "disconnected", "throttled", "access_denied", "model_error", "unavailable", "timeout")
+OUTCOMES += ("internal", "too_large", "session_in_use")  # (the last: another process took the session as it began)
+for outcome in OUTCOMES:  # every way an answer can end, at 0 from the start, so that a rate over them is defined
+    ANSWERS.labels(outcome)
+for code in ("invalid_request", "too_large", "busy", "session_in_use", "not_found", "unavailable"):
+    REFUSALS.labels(code)
+
+
+def account(session: Session, turn: Turn, outcome: str, started: float, usage: dict[str, int], reported: bool) -> None:
+    """An answer's one log line (never its text) and its metrics. `reported`: the usage is the model's own."""
+    took, first = time.perf_counter() - started, turn.first_token_at and turn.first_token_at - started
+    fields = {"session_id": session.id, "turn_id": turn.id, "model": BEDROCK_MODEL_ID}
+    fields |= {"ttft_ms": first and round(first * 1000), "duration_ms": round(took * 1000)}
+    fields |= {"tokens_in": usage["input_tokens"], "tokens_out": usage["output_tokens"], "outcome": outcome}
+    line = "answer session=%r turn=%s model=%s ttft_ms=%s duration_ms=%d tokens_in=%d tokens_out=%d outcome=%s"
+    log.info(line, *fields.values(), extra={"answer": fields})
+    if not METRICS:
+        return
+    ANSWERS.labels(outcome).inc()
+    DURATION.labels(BEDROCK_MODEL_ID, outcome).observe(took)
+    if first is not None:
+        FIRST_CHUNK.labels(BEDROCK_MODEL_ID).observe(first)
+    for key, kind in TOKEN_TYPES.items():
+        if reported and key in usage:
+            TOKENS.labels(BEDROCK_MODEL_ID, kind).observe(usage[key])
+
+
+def refuse(frame: dict[str, Any]) -> dict[str, Any]:
+    """An error frame that ends no answer, counted."""
+    if METRICS:
+        REFUSALS.labels(frame["code"]).inc()
+    return frame
+
+
+def sample() -> None:
+    """The gauges, from what they count. With WORKERS > 1 each worker samples its own every second (see lifespan),
+    and a scrape sums those of the workers alive."""
+    CONNECTIONS_OPEN.set(len(CONNECTIONS))
+    SESSIONS_HELD.set(len(SESSIONS))
+    STREAMS_OPEN.set(len(STREAMS))
+
+
+async def sample_every_second() -> None:
+    while True:
+        sample()
+        await asyncio.sleep(1)
+
+
+def forget_dead_workers() -> None:
+    """A worker that died (killed, say: uvicorn starts another) leaves its gauges' file: they no longer count."""
+    for path in Path(MULTIPROCESS).glob("gauge_live*_*.db"):  # prometheus-client's own name for them
+        pid = int(path.stem.rsplit("_", 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, MULTIPROCESS)
+        except PermissionError:
+            pass  # alive, another user's: not one of ours, but not dead
+
+
 # --- one answer: a task reads Bedrock into its Turn; another sends the Turn to whichever connection holds the session
 
 
@@ -1045,7 +1240,7 @@ async def answer(session: Session, turn: Turn) -> None:
             stop_reason, usage = await read(session, turn)
     except asyncio.CancelledError as exc:
         if exc.args != ("cancel",):  # the session is gone here, the server stops, or the store refused the turn
-            outcome = "refused" if exc.args == ("refused",) else "disconnected"
+            outcome = exc.args[0] if exc.args in (("session_in_use",), ("unavailable",)) else "disconnected"
             turn.final = {**error_frame("unavailable", STOPPED, session.id), "turn_id": turn.id}
             STORE.record(turn)  # for a reader in another process
             raise
@@ -1059,13 +1254,9 @@ async def answer(session: Session, turn: Turn) -> None:
             log.warning("answer failed: session=%r turn=%s code=%s detail=%s", session.id, turn.id, outcome, exc)
     finally:
         STREAMS.discard(asyncio.current_task())  # the upstream is closed: from here on a cancel cannot cut it short
-        deltas = {"input_tokens": 0, "output_tokens": len(turn.tokens), **dict.fromkeys(CACHE_USAGE, 0)}
-        usage = usage or deltas  # Bedrock's, or when it never came (a cancel) the deltas read: what is billed
-        first, took = turn.first_token_at, (time.perf_counter() - started) * 1000
-        ttft = first and round((first - started) * 1000)
-        line = "answer session=%r turn=%s model=%s ttft_ms=%s duration_ms=%d tokens_in=%d tokens_out=%d outcome=%s"
-        tokens_in, tokens_out = usage["input_tokens"], usage["output_tokens"]
-        log.info(line, session.id, turn.id, BEDROCK_MODEL_ID, ttft, took, tokens_in, tokens_out, outcome)
+        billed = usage or {"input_tokens": 0, "output_tokens": len(turn.tokens)}  # Bedrock's, or when it never came
+        account(session, turn, outcome, started, billed, reported=usage is not None)  # (a cancel) the deltas read
+        usage = dict.fromkeys(CACHE_USAGE, 0) | billed
     if outcome in ("end", "cancelled"):
         end = {"type": "end", "session_id": session.id, "turn_id": turn.id, "full_text": "".join(turn.tokens)}
         trimmed = held - len(turn.context) // 2  # turns left out, by the budget or the overflow
@@ -1114,7 +1305,7 @@ async def read(session: Session, turn: Turn) -> tuple[str | None, dict[str, int]
             stop_reason = chunk.response_metadata.get("stopReason", stop_reason)
             if chunk.usage_metadata:
                 usage = {k: chunk.usage_metadata[k] for k in ("input_tokens", "output_tokens")}
-                usage |= {k: chunk.response_metadata.get(k, 0) for k in CACHE_USAGE}
+                usage |= {k: chunk.response_metadata[k] for k in CACHE_USAGE if k in chunk.response_metadata}
     return stop_reason, usage
 
 
@@ -1145,7 +1336,7 @@ async def deliver(ws: WebSocket, session: Session, turn: Turn, after: int, start
                 return
         # subtle: the other may be a resume this client sent before, from a connection it has left, that a process
         # elsewhere handled late; told, the client resumes again here
-        await send(ws, {**error_frame("session_in_use", IN_USE, session.id), "turn_id": turn.id})
+        await send(ws, refuse({**error_frame("session_in_use", IN_USE, session.id), "turn_id": turn.id}))
     except (WebSocketDisconnect, WebSocketDisconnected):
         return  # the connection is closing: its handler detaches the session, and a resume sends the rest
 
@@ -1241,10 +1432,10 @@ async def start_turn(ws: WebSocket, session: Session, question: str, chosen_id: 
     try:
         if not await STORE.begin(session, turn):  # held elsewhere (or, new here, it exists elsewhere)
             raise BadRequest("session_in_use", IN_USE, session.id)
-    except (BadRequest, RedisError):
+    except (BadRequest, RedisError) as exc:
         session.pending = None
         if turn.task:
-            turn.task.cancel("refused")
+            turn.task.cancel(exc.frame["code"] if isinstance(exc, BadRequest) else "unavailable")  # its outcome
         raise
     if chosen_id:
         ask_model(session, turn)
@@ -1297,17 +1488,17 @@ async def chat(ws: WebSocket) -> None:
             try:
                 request = parse(message)
             except BadRequest as bad:
-                await send(ws, bad.frame)
+                await send(ws, refuse(bad.frame))
                 continue
             held = {s for s in held if s.owner is ws and SESSIONS.get(s.id) is s}
             streaming = sending is not None and not sending.done()
             try:
                 sending = await handle(ws, request, held, streaming) or sending
             except BadRequest as bad:
-                await send(ws, bad.frame)
+                await send(ws, refuse(bad.frame))
             except RedisError as exc:
                 log.warning("Redis failed: %s", exc)
-                await send(ws, error_frame("unavailable", STORE_DOWN, request.get("session_id")))
+                await send(ws, refuse(error_frame("unavailable", STORE_DOWN, request.get("session_id"))))
             CONNECTIONS[ws] = sending
     except (WebSocketDisconnect, WebSocketDisconnected):
         pass  # it closed while a frame was sent to it (a resume's, say)
@@ -1387,6 +1578,15 @@ async def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", **counts})
 
 
+async def metrics(request: Request) -> Response:
+    """Prometheus's scrape: this process's metrics, or with WORKERS > 1 those of all the workers."""
+    sample()
+    if MULTIPROCESS:
+        forget_dead_workers()
+    encoder, content_type = choose_encoder(request.headers.get("accept", ""))  # OpenMetrics if Prometheus asks
+    return Response(encoder(SCRAPED), media_type=content_type)
+
+
 async def page(request: Request) -> HTMLResponse:
     return HTMLResponse(PAGE, headers=PAGE_HEADERS)
 
@@ -1421,7 +1621,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         log.info("chat-stream ready: model=%s", BEDROCK_MODEL_ID)
         if CHAT_API_KEY is None and HOST not in ("127.0.0.1", "localhost", "::1"):
             log.warning("listening on %s without CHAT_API_KEY: anyone who reaches this port uses the model", HOST)
+        sampling = asyncio.create_task(sample_every_second()) if MULTIPROCESS and METRICS else None
         yield
+        if sampling:
+            sampling.cancel()
     await STORE.close()  # after the drain: the last answers are written
 
 
@@ -1569,6 +1772,7 @@ PAGE_HEADERS = {
 routes = [
     Route("/", page),
     Route("/healthz", healthz),
+    *([Route("/metrics", metrics)] if METRICS else []),
     WebSocketRoute("/ws/chat/completions", chat),
 ]
 middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=ALLOWED_HOSTS, www_redirect=False)]
@@ -1713,7 +1917,7 @@ def reach_redis(url: str) -> None:
         with redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3) as client:
             client.ping()
     except RedisError as exc:
-        sys.exit(f"chat_stream: cannot reach Redis at {where} (REDIS_URL): {exc}")
+        sys.exit(early_line(f"cannot reach Redis at {where} (REDIS_URL): {exc}"))
 
 
 def serve() -> None:
@@ -1726,7 +1930,7 @@ def serve() -> None:
     if soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
     if hard < needed:
-        print(f"chat_stream: warning: open-file limit {hard} < {needed} needed at MAX_CONNECTIONS", file=sys.stderr)
+        print(early_line(f"open-file limit {hard} < {needed} needed at MAX_CONNECTIONS", "WARNING"), file=sys.stderr)
     options = {
         "host": HOST,
         "port": PORT,
@@ -1734,9 +1938,13 @@ def serve() -> None:
         "ws_per_message_deflate": False,  # token frames are tiny: compressing them costs CPU and saves nothing
         "timeout_graceful_shutdown": 5,  # after the drain: whatever is left gets close code 1012
     }
+    if LOG_FORMAT == "json":
+        options["log_config"] = LOG_CONFIG
     if WORKERS > 1:  # workers import the app by name, and run uvicorn's own Server: no drain
         ws, http = "chat_stream:WebSocketProtocol", "chat_stream:HTTPProtocol"
-        uvicorn.run("chat_stream:app", http=http, ws=ws, workers=WORKERS, **options)
+        with tempfile.TemporaryDirectory(prefix="chat-stream-metrics-") as metrics_dir:  # removed when all have exited
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # each worker's metrics, summed by a scrape
+            uvicorn.run("chat_stream:app", http=http, ws=ws, workers=WORKERS, **options)
         return
     server = Server(uvicorn.Config(app, http=HTTPProtocol, ws=WebSocketProtocol, **options))  # subtle: these
     server.run()  # objects, not names, so that the module is not imported a second time

@@ -31,6 +31,7 @@ import httpx
 import pytest
 import redis
 import websockets
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import ClientConnection, connect
 
 from bedrock_stand_in import (
@@ -688,6 +689,8 @@ def test_offline_model_end_turn(tmp_path: Path) -> None:
         ("TEMPERATURE", "warm"),
         ("PORT", "-1"),
         ("PORT", "70000"),
+        ("METRICS", "maybe"),
+        ("LOG_FORMAT", "yaml"),
         ("MAX_TOKENS", "lots"),
         ("STREAM_TIMEOUT", "0"),
         ("ALLOWED_HOSTS", "chat.*.example"),
@@ -1839,6 +1842,31 @@ def test_redis_lost_and_back(own_store: RedisServer, bedrock: FakeBedrock, tmp_p
     assert not bedrock.calls_for("anyone there")
 
 
+# A turn the store cannot record (Redis stalls past the client's timeout, and its one retry, just as a question is
+# asked): the client gets `unavailable`, the answer the model was already asked for is stopped, and its log line
+# and metrics say `unavailable`, as does the refusal count.
+@slow
+def test_a_turn_the_store_cannot_record(own_store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {**DEFAULTS, "STREAM_TIMEOUT": 30, "REDIS_URL": own_store.url}
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server, connect(server.ws_url) as ws:
+        ask(ws, "recorded", "stall")
+        bedrock.replies["not recorded"] = Reply(tokens=[f" s{i}" for i in range(300)], delay=0.1)
+        with redis.Redis.from_url(own_store.url) as client:
+            client.execute_command("CLIENT", "PAUSE", 12_000, "WRITE")  # writes wait; each try times out at 5 s
+        ws.send(json.dumps({"question": "not recorded", "session_id": "stall"}))
+        assert json.loads(ws.recv(timeout=20)) == {
+            "type": "error",
+            "session_id": "stall",
+            "code": "unavailable",
+            "message": "Sessions cannot be stored right now; try again shortly.",
+        }
+        wait_for(lambda: "outcome=unavailable" in server.log(), 5, "the answer's line")
+        assert bedrock.calls_for("not recorded")[0].client_closed_at
+        scraped = scrape(server)
+    assert by(scraped["chat_stream_answers_total"], "outcome")["unavailable"] == 1
+    assert by(scraped["chat_stream_refusals_total"], "code")["unavailable"] == 1
+
+
 # Every key expires: after a session left detached, an answer resumed on the other process, and one never
 # resumed, each key has a TTL of at most SESSION_TTL + 60 s, and with no traffic only the processes' own keys are
 # left, and the key of a session a connection still holds: it lives on while held, idle (renewed every 30 s), and
@@ -2337,6 +2365,246 @@ def test_log_outcomes(server: Server, bedrock: FakeBedrock) -> None:
         ("log-error", "2", "throttled"),
         ("log-left", re.search(r"tokens_out=(\d+) outcome=disconnected", lines()[2]).group(1), "disconnected"),
     ]
+
+
+def scrape(server: Server) -> dict[str, dict[frozenset, float]]:
+    """GET /metrics, read with prometheus-client's own parser: each sample's value by name, then by its labels."""
+    response = httpx.get(f"{server.http}/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    samples: dict[str, dict[frozenset, float]] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[frozenset(sample.labels.items())] = sample.value
+    return samples
+
+
+def by(samples: dict[frozenset, float], label: str) -> dict[str, float]:
+    """The samples of one metric by one label's value (the others must be the same for all)."""
+    return {dict(labels)[label]: value for labels, value in samples.items()}
+
+
+ANSWER_OUTCOMES = ["end", "cancelled", "disconnected", "throttled", "access_denied", "model_error", "unavailable"]
+ANSWER_OUTCOMES += ["timeout", "internal", "too_large", "session_in_use"]
+REFUSAL_CODES = ["invalid_request", "too_large", "busy", "session_in_use", "not_found", "unavailable"]
+
+
+# /metrics after a known sequence (two ends, a cancel, a throttled error retried once, a client that left, a bad
+# frame, a busy refusal) holds exactly those counts, with exactly the labels of the GenAI conventions: durations
+# for every answer, time to first chunk for those that streamed a token, token usage (cache figures included) for
+# those the model reported usage for, and the gauges; every outcome is there from the start, at 0.
+def test_metrics_count_a_known_sequence(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {**DEFAULTS, "PROMPT_CACHE": "auto"}  # Nova takes cache points: usage gains the cache figures
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server, connect(server.ws_url) as ws:
+        before = scrape(server)
+        assert by(before["chat_stream_answers_total"], "outcome") == dict.fromkeys(ANSWER_OUTCOMES, 0)
+        assert by(before["chat_stream_refusals_total"], "code") == dict.fromkeys(REFUSAL_CODES, 0)
+        assert before["chat_stream_upstream_retries_total"] == {frozenset(): 0}
+        assert "gen_ai_client_operation_duration_seconds_count" not in before
+        ends = [ask(ws, "first question", "m1")[-1], ask(ws, "second question", "m1")[-1]]
+        asked_at = time.monotonic()
+        start_slow_answer(ws, bedrock, "to be cancelled", "m2")
+        assert scrape(server)["chat_stream_streams"] == {frozenset(): 1}
+        ws.send(json.dumps({"type": "cancel"}))
+        assert read_answer(ws)[-1]["stop_reason"] == "cancelled"
+        seen_by_client = time.monotonic() - asked_at
+        bedrock.replies["throttle me"] = Reply(http_error=(429, "ThrottlingException"))
+        assert ask(ws, "throttle me", "m3")[-1]["code"] == "throttled"
+        ws.send("not json")
+        assert json.loads(ws.recv(timeout=5))["code"] == "invalid_request"
+        with connect(server.ws_url) as other:
+            start_slow_answer(other, bedrock, "left behind", "m4")
+            other.send(json.dumps({"question": "and another", "session_id": "m4"}))
+            assert [f for f in read_answer(other) if f["type"] == "error"][0]["code"] == "busy"
+        wait_for(lambda: scrape(server)["chat_stream_streams"] == {frozenset(): 0}, 5, "the left answer to stop")
+        after = scrape(server)
+
+    answers = dict.fromkeys(ANSWER_OUTCOMES, 0) | {"end": 2, "cancelled": 1, "throttled": 1, "disconnected": 1}
+    assert by(after["chat_stream_answers_total"], "outcome") == answers
+    assert by(after["chat_stream_refusals_total"], "code") == dict.fromkeys(REFUSAL_CODES, 0) | {
+        "invalid_request": 1,
+        "busy": 1,
+    }
+    assert after["chat_stream_upstream_retries_total"] == {frozenset(): 1}  # the 429, retried once (AWS_MAX_ATTEMPTS=2)
+    model = ("gen_ai_request_model", NOVA)
+    durations = after["gen_ai_client_operation_duration_seconds_count"]
+    assert durations == {frozenset({model, ("outcome", o)}): n for o, n in answers.items() if n}
+    assert after["gen_ai_client_time_to_first_chunk_seconds_count"] == {frozenset({model}): 4}  # not the 429
+    usage = {k: sum(end["usage"][k] for end in ends) for k in ends[0]["usage"]}
+    assert usage["cache_write_input_tokens"] > 0
+    kinds = {"input": "input_tokens", "output": "output_tokens", "cache_read": "cache_read_input_tokens"}
+    kinds["cache_write"] = "cache_write_input_tokens"
+    assert after["gen_ai_client_token_usage_count"] == {frozenset({model, ("gen_ai_token_type", k)}): 2 for k in kinds}
+    assert after["gen_ai_client_token_usage_sum"] == {
+        frozenset({model, ("gen_ai_token_type", k)}): usage[key] for k, key in kinds.items()
+    }
+    took = after["gen_ai_client_operation_duration_seconds_sum"][frozenset({model, ("outcome", "cancelled")})]
+    assert 0.05 < took < seen_by_client  # 3 tokens 50 ms apart, then the cancel; the client saw it all
+    assert {name: after[name] for name in ("chat_stream_connections", "chat_stream_sessions")} == {
+        "chat_stream_connections": {frozenset(): 1},  # `ws`, until its scrape
+        "chat_stream_sessions": {frozenset(): 3},  # m1, m2, m3: SESSION_TTL=0 took m4 with its connection
+    }
+    labels = {name: {k for labels in samples for k, _ in labels} for name, samples in after.items()}
+    assert labels["gen_ai_client_operation_duration_seconds_bucket"] == {"gen_ai_request_model", "outcome", "le"}
+    assert labels["gen_ai_client_token_usage_bucket"] == {"gen_ai_request_model", "gen_ai_token_type", "le"}
+    assert labels["gen_ai_client_time_to_first_chunk_seconds_bucket"] == {"gen_ai_request_model", "le"}
+    assert "process_resident_memory_bytes" in after
+    assert not [name for name in after if name.endswith("_created")]
+
+
+# METRICS=off removes the route (and the counting); with CHAT_API_KEY set, /metrics is open like /healthz (counts,
+# no text), while the WebSocket still needs the key; a Host not in ALLOWED_HOSTS is refused there too.
+def test_metrics_off_and_open(guarded: Server, bedrock: FakeBedrock, tmp_path: Path) -> None:
+    assert httpx.get(f"{guarded.http}/metrics").status_code == 200
+    assert httpx.get(f"{guarded.http}/metrics", headers={"Host": "rebind.attacker.example"}).status_code == 400
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, METRICS="off") as server, connect(server.ws_url) as ws:
+        assert ask(ws, "no metrics")[-1]["type"] == "end"
+        assert httpx.get(f"{server.http}/metrics").status_code == 404
+        assert server.health()["status"] == "ok"
+
+
+# WORKERS=2: one scrape shows the whole process group (each worker writes its metrics to a folder the server makes,
+# which every scrape reads): 20 clients spread over both workers, whichever worker answers the scrape. A worker
+# killed with SIGKILL leaves its counts but not its gauges; the folder is gone once the server exits.
+def test_metrics_across_workers(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {"WORKERS": 2, "LOG_FORMAT": "json", "SESSION_TTL": ""}
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server, contextlib.ExitStack() as stack:
+        wait_for(lambda: server.log().count("chat-stream ready") == 2, 30, "two workers")
+        workers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and parent_pid(p) == server.process.pid]
+        workers = [p for p in workers if b"spawn_main" in (p / "cmdline").read_bytes()]
+        folders = {
+            dict(v.split(b"=", 1) for v in (p / "environ").read_bytes().split(b"\0") if b"=" in v).get(
+                b"PROMETHEUS_MULTIPROC_DIR"
+            )
+            for p in workers
+        }
+        (folder,) = folders
+        assert Path(folder.decode()).is_dir()
+        clients = [stack.enter_context(connect(server.ws_url)) for _ in range(20)]
+        for i, ws in enumerate(clients):
+            assert ask(ws, f"question {i}", f"w{i}")[-1]["type"] == "end"
+        totals = lambda name: sum(scrape(server)[name].values())  # noqa: E731
+        for _ in range(6):  # each scrape is answered by either worker
+            assert by(scrape(server)["chat_stream_answers_total"], "outcome")["end"] == 20
+            assert totals("gen_ai_client_operation_duration_seconds_count") == 20
+        wait_for(lambda: totals("chat_stream_connections") == 20 == totals("chat_stream_sessions"), 5, "the gauges")
+        victim = int(workers[0].name)
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: any(is_closed(ws) for ws in clients), 5, "the killed worker's clients to be cut")
+        alive = lambda: sum(not is_closed(ws) for ws in clients)  # noqa: E731
+        assert 0 < alive() < 20, "both workers had clients"
+        wait_for(lambda: totals("chat_stream_connections") == alive(), 10, "the dead worker's gauges to go")
+        assert by(scrape(server)["chat_stream_answers_total"], "outcome")["end"] == 20  # its counts stay
+        server.process.terminate()
+        server.process.wait(timeout=15)
+    assert not Path(folder.decode()).exists()
+    lines = server.log().splitlines()
+    assert lines and all(json.loads(line)["message"] for line in lines)  # every line, the supervisor's too
+
+
+ANSWER_FIELDS = {"session_id": str, "turn_id": str, "model": str, "ttft_ms": int, "duration_ms": int}
+ANSWER_FIELDS |= {"tokens_in": int, "tokens_out": int, "outcome": str}
+
+
+# LOG_FORMAT=json: every line the process writes to stdout and stderr is one JSON object with time, level, logger and
+# message: uvicorn's own (start, access, handshakes, a bad request, shutdown), a warning printed before logging is
+# set up, a traceback (in the line), the drain; an answer's line holds its fields. No question or answer text, no
+# API key, right or wrong, anywhere.
+def test_json_logs(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {**DEFAULTS, "LOG_FORMAT": "json", "CHAT_API_KEY": API_KEY, "PYTHONPATH": tmp_path}
+    (tmp_path / "sitecustomize.py").write_text(  # a library that warns at run time, on SIGUSR1
+        "import signal, warnings\nsignal.signal(signal.SIGUSR1, lambda *_: warnings.warn('a library warns'))\n"
+    )
+    with run_server(tmp_path, open_files=1024, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
+        server.process.send_signal(signal.SIGUSR1)
+        with connect(f"{server.ws_url}?token={QUOTED_KEY}") as ws:
+            ask(ws, "confidential question", "j1")
+            start_slow_answer(ws, bedrock, "confidential story", "j2")
+            ws.send(json.dumps({"type": "cancel"}))
+            read_answer(ws)
+            bedrock.replies["confidential break"] = Reply(tokens=["a"], corrupt=True)
+            assert ask(ws, "confidential break", "j3")[-1]["code"] == "internal"
+        with pytest.raises(websockets.InvalidStatus):
+            connect(f"{server.ws_url}?token=wrong-guess-123")
+        raw_connect(server.port, b"NOT HTTP\r\n\r\n").recv(100)
+        wait_for(lambda: server.log().count('"outcome": ') == 3, 5, "three answer lines")
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=10)
+    lines = [json.loads(line) for line in server.log().splitlines()]
+    assert all(list(line)[:4] == ["time", "level", "logger", "message"] for line in lines), lines
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", line["time"]) for line in lines)
+    answers = [line for line in lines if "outcome" in line]
+    assert [(a["session_id"], a["model"], a["outcome"]) for a in answers] == [
+        ("j1", NOVA, "end"),
+        ("j2", NOVA, "cancelled"),
+        ("j3", NOVA, "internal"),
+    ]
+    assert all(isinstance(a[k], kind) for a in answers for k, kind in ANSWER_FIELDS.items()), answers
+    assert (answers[0]["tokens_in"], answers[0]["tokens_out"]) == (10, 3)
+    messages = "\n".join(line["message"] for line in lines)
+    for expected in (
+        "Started server process",
+        "open-file limit 1024",
+        'completions?token=***" 403',
+        "Invalid HTTP request",
+        "UserWarning: a library warns",
+        "draining: 0 answers",
+        "Finished server process",
+    ):
+        assert expected in messages, expected
+    (failed,) = [line for line in lines if line["message"].startswith("answer failed")]
+    assert (failed["level"], failed["exception"].splitlines()[0]) == ("ERROR", "Traceback (most recent call last):")
+    for secret in ("confidential", "Echo:", API_KEY, QUOTED_KEY, "wrong-guess-123"):
+        assert secret not in server.log()
+
+
+# A bad setting with LOG_FORMAT=json: the one line that says so is JSON too.
+def test_json_bad_setting() -> None:
+    result = subprocess.run(
+        [sys.executable, "chat_stream.py"],
+        cwd=HERE,
+        env=server_env(LOG_FORMAT="json", MAX_TOKENS="lots"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    line = json.loads(result.stderr)
+    assert {k: v for k, v in line.items() if k != "time"} == {
+        "level": "CRITICAL",
+        "logger": "chat_stream",
+        "message": "bad setting MAX_TOKENS='lots': expected positive int",
+    }
+
+
+# `uvicorn chat_stream:app`, uvicorn's own command (which sets up its text lines before it imports the app):
+# LOG_FORMAT=json makes every line JSON there too, and /metrics is served.
+def test_json_logs_under_the_uvicorn_command(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    port, log_path = free_port(), tmp_path / "uvicorn.log"
+    env = server_env(LOG_FORMAT="json", BEDROCK_ENDPOINT_URL=bedrock.url)
+    with log_path.open("w") as log:
+        command = [sys.executable, "-m", "uvicorn", "chat_stream:app", "--port", str(port)]
+        process = subprocess.Popen(command, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: process.poll() is not None or healthy(f"http://127.0.0.1:{port}"), 30, "uvicorn to start")
+        with connect(f"ws://127.0.0.1:{port}/ws/chat/completions") as ws:
+            assert ask(ws, "under uvicorn")[-1]["type"] == "end"
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 200
+        wait_for(lambda: '"outcome": "end"' in log_path.read_text(), 5, "the answer's line")
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    messages = [line["message"] for line in lines]
+    assert any(m.startswith("Uvicorn running on") for m in messages) and "Application shutdown complete." in messages
+
+
+def is_closed(ws: ClientConnection) -> bool:
+    try:
+        ws.ping().wait(1)
+        return False
+    except (websockets.ConnectionClosed, TimeoutError):
+        return True
 
 
 LIFETIMES = {"connection-bound": {}, "resumable": {"SESSION_TTL": "", "RESUME_GRACE": ""}}  # "": the defaults
