@@ -23,9 +23,12 @@ A session outlives its connection by SESSION_TTL, and its answer streams on for 
 
 Sessions live in this process, or with REDIS_URL in Redis, shared by every process and replica.
 
+Operations: GET /healthz; GET /metrics for Prometheus (METRICS=off removes it); LOG_FORMAT=json makes every line the
+process writes one JSON object.
+
 Sections, in the order a question travels: settings; sessions; the store (in-process, or Redis); the model; errors;
-one answer; the connection; routes, the page and the app; the server (uvicorn's protocols, with their limits) and
-main.
+metrics; one answer; the connection; routes, the page and the app; the server (uvicorn's protocols, with their
+limits) and main.
 """
 
 from __future__ import annotations
@@ -948,7 +951,7 @@ PROMPT_CACHE_MODELS = (  # base model ids that take cache points through Convers
 )
 
 
-CACHE_USAGE = {  # Bedrock's cache figures, as end.usage names them: Bedrock's names
+CACHE_USAGE = {  # Bedrock's cache figures: as end.usage names them, and as Bedrock does
     "cache_read_input_tokens": "cacheReadInputTokens",
     "cache_write_input_tokens": "cacheWriteInputTokens",
 }
@@ -1147,21 +1150,14 @@ UPSTREAM_RETRIES = Counter(
     "Bedrock requests botocore sent again (throttling, 5xx, connection errors).",
     registry=REGISTRY,
 )
-CONNECTIONS_OPEN = Gauge(
-    "chat_stream_connections", "Open chat WebSockets.", multiprocess_mode="livesum", registry=REGISTRY
-)
-SESSIONS_HELD = Gauge(
-    "chat_stream_sessions",
-    "Sessions held, attached or waiting for a resume.",
-    multiprocess_mode="livesum",
-    registry=REGISTRY,
-)
-STREAMS_OPEN = Gauge(
-    "chat_stream_streams",
-    "Bedrock streams open, detached answers included.",
-    multiprocess_mode="livesum",
-    registry=REGISTRY,
-)
+GAUGES = [  # /healthz's counts, each from what it counts (see sample)
+    (Gauge(name, what, multiprocess_mode="livesum", registry=REGISTRY), counted)
+    for name, what, counted in (
+        ("chat_stream_connections", "Open chat WebSockets.", CONNECTIONS),
+        ("chat_stream_sessions", "Sessions held, attached or waiting for a resume.", SESSIONS),
+        ("chat_stream_streams", "Bedrock streams open, detached answers included.", STREAMS),
+    )
+]
 OUTCOMES = ("end", "cancelled", "disconnected", "throttled", "access_denied", "model_error", "unavailable", "timeout")
 OUTCOMES += ("internal", "too_large", "session_in_use")  # (the last: another process took the session as it began)
 for outcome in OUTCOMES:  # every way an answer can end, at 0 from the start, so that a rate over them is defined
@@ -1199,9 +1195,8 @@ def refuse(frame: dict[str, Any]) -> dict[str, Any]:
 def sample() -> None:
     """The gauges, from what they count. With WORKERS > 1 each worker samples its own every second (see lifespan),
     and a scrape sums those of the workers alive."""
-    CONNECTIONS_OPEN.set(len(CONNECTIONS))
-    SESSIONS_HELD.set(len(SESSIONS))
-    STREAMS_OPEN.set(len(STREAMS))
+    for gauge, counted in GAUGES:
+        gauge.set(len(counted))
 
 
 async def sample_every_second() -> None:

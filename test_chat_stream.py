@@ -1377,6 +1377,8 @@ def test_grace_expiry_closes_the_upstream(short_lived: Server, bedrock: FakeBedr
 def test_takeover_from_a_half_open_connection(resumable: Server, bedrock: FakeBedrock) -> None:
     tokens = [f" take{i}" for i in range(40)]
     bedrock.replies["take it over"] = Reply(tokens=tokens, delay=0.02)
+    refused = lambda: by(scrape(resumable)["chat_stream_refusals_total"], "code")["session_in_use"]  # noqa: E731
+    refused_before = refused()
     with slow_reader(resumable) as stale, connect(resumable.ws_url) as ws:
         stale.send(json.dumps({"question": "take it over"}))
         start = json.loads(stale.recv(timeout=5))  # and then it reads no more
@@ -1388,6 +1390,7 @@ def test_takeover_from_a_half_open_connection(resumable: Server, bedrock: FakeBe
         assert frames[-1] == {**in_use(start["session_id"]), "turn_id": start["turn_id"]}
         assert json.loads(stale.recv(timeout=5)) == in_use(start["session_id"])  # and the question's refusal
         ask(ws, "mine now", start["session_id"])
+    assert refused() - refused_before == 2  # both error frames the old connection got
     assert not bedrock.calls_for("is it mine") and len(bedrock.calls_for("take it over")) == 1
     assert bedrock.calls_for("mine now")[0].body["messages"] == text("take it over", "".join(tokens), "mine now")
 
@@ -2367,9 +2370,9 @@ def test_log_outcomes(server: Server, bedrock: FakeBedrock) -> None:
     ]
 
 
-def scrape(server: Server) -> dict[str, dict[frozenset, float]]:
+def scrape(server: Server, client: Any = httpx) -> dict[str, dict[frozenset, float]]:
     """GET /metrics, read with prometheus-client's own parser: each sample's value by name, then by its labels."""
-    response = httpx.get(f"{server.http}/metrics")
+    response = client.get(f"{server.http}/metrics")
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain; version=")
     samples: dict[str, dict[frozenset, float]] = {}
@@ -2452,6 +2455,22 @@ def test_metrics_count_a_known_sequence(bedrock: FakeBedrock, tmp_path: Path) ->
     assert not [name for name in after if name.endswith("_created")]
 
 
+# Token usage for a request without cache points (PROMPT_CACHE=off here): input and output tokens, no cache types.
+def test_token_usage_without_cache_points(ws: ClientConnection, server: Server) -> None:
+    counts = lambda: scrape(server).get("gen_ai_client_token_usage_count", {})  # noqa: E731
+    before = counts()
+    end = ask(ws, "no cache points here", "usage")[-1]
+    after = counts()
+    model = ("gen_ai_request_model", NOVA)
+    assert {dict(labels)["gen_ai_token_type"] for labels in after} == {"input", "output"}
+    assert [
+        after[frozenset({model, ("gen_ai_token_type", k)})]
+        - before.get(frozenset({model, ("gen_ai_token_type", k)}), 0)
+        for k in ("input", "output")
+    ] == [1, 1]
+    assert end["usage"]["cache_read_input_tokens"] == end["usage"]["cache_write_input_tokens"] == 0
+
+
 # METRICS=off removes the route (and the counting); with CHAT_API_KEY set, /metrics is open like /healthz (counts,
 # no text), while the WebSocket still needs the key; a Host not in ALLOWED_HOSTS is refused there too.
 def test_metrics_off_and_open(guarded: Server, bedrock: FakeBedrock, tmp_path: Path) -> None:
@@ -2464,8 +2483,9 @@ def test_metrics_off_and_open(guarded: Server, bedrock: FakeBedrock, tmp_path: P
 
 
 # WORKERS=2: one scrape shows the whole process group (each worker writes its metrics to a folder the server makes,
-# which every scrape reads): 20 clients spread over both workers, whichever worker answers the scrape. A worker
-# killed with SIGKILL leaves its counts but not its gauges; the folder is gone once the server exits.
+# which every scrape reads): 20 clients spread over both workers, whichever worker answers the scrape; the other
+# worker's gauges follow too. A worker killed with SIGKILL leaves its counts but not its gauges; the folder is gone
+# once the server exits.
 def test_metrics_across_workers(bedrock: FakeBedrock, tmp_path: Path) -> None:
     settings = {"WORKERS": 2, "LOG_FORMAT": "json", "SESSION_TTL": ""}
     with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server, contextlib.ExitStack() as stack:
@@ -2483,17 +2503,21 @@ def test_metrics_across_workers(bedrock: FakeBedrock, tmp_path: Path) -> None:
         clients = [stack.enter_context(connect(server.ws_url)) for _ in range(20)]
         for i, ws in enumerate(clients):
             assert ask(ws, f"question {i}", f"w{i}")[-1]["type"] == "end"
-        totals = lambda name: sum(scrape(server)[name].values())  # noqa: E731
         for _ in range(6):  # each scrape is answered by either worker
             assert by(scrape(server)["chat_stream_answers_total"], "outcome")["end"] == 20
-            assert totals("gen_ai_client_operation_duration_seconds_count") == 20
-        wait_for(lambda: totals("chat_stream_connections") == 20 == totals("chat_stream_sessions"), 5, "the gauges")
+            assert sum(scrape(server)["gen_ai_client_operation_duration_seconds_count"].values()) == 20
+        for ws in clients[10:]:
+            ws.close()  # on both workers, surely: the gauges of both must follow
+        clients = clients[:10]
+        pinned = stack.enter_context(httpx.Client())  # one kept-alive connection: always the same worker answers
+        counted = lambda client: [sum(scrape(server, client)[f"chat_stream_{n}"].values()) for n in GAUGED]  # noqa: E731
+        wait_for(lambda: counted(pinned) == [10, 20, 0], 5, "the other worker's gauges")  # sessions: SESSION_TTL
         victim = int(workers[0].name)
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: any(is_closed(ws) for ws in clients), 5, "the killed worker's clients to be cut")
         alive = lambda: sum(not is_closed(ws) for ws in clients)  # noqa: E731
-        assert 0 < alive() < 20, "both workers had clients"
-        wait_for(lambda: totals("chat_stream_connections") == alive(), 10, "the dead worker's gauges to go")
+        assert 0 < alive() < 10, "both workers had clients"
+        wait_for(lambda: counted(httpx)[0] == alive(), 10, "the dead worker's gauges to go")
         assert by(scrape(server)["chat_stream_answers_total"], "outcome")["end"] == 20  # its counts stay
         server.process.terminate()
         server.process.wait(timeout=15)
@@ -2506,10 +2530,13 @@ ANSWER_FIELDS = {"session_id": str, "turn_id": str, "model": str, "ttft_ms": int
 ANSWER_FIELDS |= {"tokens_in": int, "tokens_out": int, "outcome": str}
 
 
+ODD_ID = 'j1 "}\n{"level": "x" \U0001f600\u202e\\'  # a session id that would break a careless line
+
+
 # LOG_FORMAT=json: every line the process writes to stdout and stderr is one JSON object with time, level, logger and
 # message: uvicorn's own (start, access, handshakes, a bad request, shutdown), a warning printed before logging is
-# set up, a traceback (in the line), the drain; an answer's line holds its fields. No question or answer text, no
-# API key, right or wrong, anywhere.
+# set up, a library's warning, a traceback (in the line), the drain; an answer's line holds its fields, whatever its
+# session id. No question or answer text, no API key, right or wrong, anywhere.
 def test_json_logs(bedrock: FakeBedrock, tmp_path: Path) -> None:
     settings = {**DEFAULTS, "LOG_FORMAT": "json", "CHAT_API_KEY": API_KEY, "PYTHONPATH": tmp_path}
     (tmp_path / "sitecustomize.py").write_text(  # a library that warns at run time, on SIGUSR1
@@ -2518,7 +2545,7 @@ def test_json_logs(bedrock: FakeBedrock, tmp_path: Path) -> None:
     with run_server(tmp_path, open_files=1024, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
         server.process.send_signal(signal.SIGUSR1)
         with connect(f"{server.ws_url}?token={QUOTED_KEY}") as ws:
-            ask(ws, "confidential question", "j1")
+            ask(ws, "confidential question", ODD_ID)
             start_slow_answer(ws, bedrock, "confidential story", "j2")
             ws.send(json.dumps({"type": "cancel"}))
             read_answer(ws)
@@ -2535,7 +2562,7 @@ def test_json_logs(bedrock: FakeBedrock, tmp_path: Path) -> None:
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", line["time"]) for line in lines)
     answers = [line for line in lines if "outcome" in line]
     assert [(a["session_id"], a["model"], a["outcome"]) for a in answers] == [
-        ("j1", NOVA, "end"),
+        (ODD_ID, NOVA, "end"),
         ("j2", NOVA, "cancelled"),
         ("j3", NOVA, "internal"),
     ]
@@ -2597,6 +2624,9 @@ def test_json_logs_under_the_uvicorn_command(bedrock: FakeBedrock, tmp_path: Pat
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
     messages = [line["message"] for line in lines]
     assert any(m.startswith("Uvicorn running on") for m in messages) and "Application shutdown complete." in messages
+
+
+GAUGED = ("connections", "sessions", "streams")
 
 
 def is_closed(ws: ClientConnection) -> bool:
