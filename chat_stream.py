@@ -117,7 +117,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-# --- settings: read once at start-up from the environment (and .env); a bad value stops start-up
+# --- settings: read once at start-up from the environment (and .env); a bad value stops start-up, with one line
+# in LOG_FORMAT (so the JSON formatter comes first)
 
 T = TypeVar("T")
 load_dotenv()  # a .env file beside this module (or in a folder above it); variables already set win
