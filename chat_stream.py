@@ -667,19 +667,18 @@ class RedisStore(Store):
             log.warning("could not record turn=%s in Redis: %s", turn.id, exc)
 
     async def claim(self, session_id: str, token: str, ws: WebSocket) -> Session | None:
-        full = f"{MAX_SESSIONS=} are all in use; try again later."
         # subtle: the copy held here is taken before the round trip, during which this claim's own notice (on
         # chat:moved) may let it go; its answer, read here, is then still delivered from memory
         old = SESSIONS.get(session_id)
         if old is None and len(SESSIONS) >= MAX_SESSIONS and not DETACHED:
-            raise BadRequest("busy", full, session_id)
+            raise BadRequest("busy", SESSIONS_FULL, session_id)
         session = Session(session_id, ws, token)
         args = [session.claim, digest(token), self.held_ttl, session_id]
         if not (saved := await self.scripts["CLAIM"]([self.session_key(session_id)], args)):
             return None  # subtle: only a valid token may evict a detached session below, to make room
         if old is None and not admit():  # they filled up during the round trip
             await self.release(session)
-            raise BadRequest("busy", full, session_id)
+            raise BadRequest("busy", SESSIONS_FULL, session_id)
         history, turn_id, question, producer = (value.decode() for value in saved[2:])
         session.history = [MESSAGES[kind](text) for kind, text in json.loads(history)]  # as dumps() wrote it
         if old and old.pending and old.pending.id == turn_id and old.pending.producer is None:
@@ -791,10 +790,10 @@ class RedisStore(Store):
                 elif not await self.redis.sismember(f"chat:process:{turn.producer}", turn.id):
                     misses += 1  # subtle: twice, as a final frame written just after the read is then read
                     if misses == 2:
-                        turn.final = {**error_frame("unavailable", PRODUCER_GONE, session.id), "turn_id": turn.id}
+                        turn.final = error_frame("unavailable", PRODUCER_GONE, session.id, turn.id)
         except RedisError as exc:
             log.warning("lost the answer turn=%s from Redis: %s", turn.id, exc)
-            turn.final = {**error_frame("unavailable", STORE_DOWN, session.id), "turn_id": turn.id}
+            turn.final = error_frame("unavailable", STORE_DOWN, session.id, turn.id)
         finally:
             turn.changed.set()  # its reader wakes, even when it is stopped (see `unfollow`)
 
@@ -1075,6 +1074,7 @@ IN_USE = "This session is open on another connection; resume it with its resume_
 NOT_FOUND = "No such session: it may have expired, or the resume_token is wrong. Start a new session."
 TOO_MANY_SESSIONS = f"This connection already has {MAX_SESSIONS_PER_CONNECTION} sessions; end one or reconnect."
 RESTARTING = "The server is restarting; reconnect and ask again."
+SESSIONS_FULL = f"{MAX_SESSIONS=} are all in use; try again later."
 STORE_DOWN = "Sessions cannot be stored right now; try again shortly."
 PRODUCER_GONE = "The server answering this question stopped before the answer ended; ask again."
 STOPPED = "The server stopped this answer; ask again."
@@ -1086,9 +1086,12 @@ class BadRequest(Exception):
         self.frame = error_frame(code, message, session_id)
 
 
-def error_frame(code: str, message: str | None = None, session_id: str | None = None) -> dict[str, Any]:
+def error_frame(
+    code: str, message: str | None = None, session_id: str | None = None, turn_id: str | None = None
+) -> dict[str, Any]:
     frame = {"type": "error", "code": code, "message": message or ERROR_MESSAGES[code]}
-    return frame if session_id is None else {"type": "error", "session_id": session_id, **frame}
+    frame = frame if session_id is None else {"type": "error", "session_id": session_id, **frame}
+    return frame if turn_id is None else {**frame, "turn_id": turn_id}
 
 
 async def send(ws: WebSocket, frame: dict[str, Any]) -> None:
@@ -1237,7 +1240,7 @@ async def answer(session: Session, turn: Turn) -> None:
     except asyncio.CancelledError as exc:
         if exc.args != ("cancel",):  # the session is gone here, the server stops, or the store refused the turn
             outcome = exc.args[0] if exc.args in (("session_in_use",), ("unavailable",)) else "disconnected"
-            turn.final = {**error_frame("unavailable", STOPPED, session.id), "turn_id": turn.id}
+            turn.final = error_frame("unavailable", STOPPED, session.id, turn.id)
             STORE.record(turn)  # for a reader in another process
             raise
         asyncio.current_task().uncancel()
@@ -1259,7 +1262,7 @@ async def answer(session: Session, turn: Turn) -> None:
         turn.final = {**end, "stop_reason": stop_reason, "usage": usage, "history_trimmed": trimmed}
     else:
         message = TOO_LONG_FOR_MODEL if outcome == "too_large" else None
-        turn.final = {**error_frame(outcome, message, session.id), "turn_id": turn.id}
+        turn.final = error_frame(outcome, message, session.id, turn.id)
     turn.changed.set()
     STORE.record(turn)
 
@@ -1332,7 +1335,7 @@ async def deliver(ws: WebSocket, session: Session, turn: Turn, after: int, start
                 return
         # subtle: the other may be a resume this client sent before, from a connection it has left, that a process
         # elsewhere handled late; told, the client resumes again here
-        await send(ws, refuse({**error_frame("session_in_use", IN_USE, session.id), "turn_id": turn.id}))
+        await send(ws, refuse(error_frame("session_in_use", IN_USE, session.id, turn.id)))
     except (WebSocketDisconnect, WebSocketDisconnected):
         return  # the connection is closing: its handler detaches the session, and a resume sends the rest
 
@@ -1483,12 +1486,8 @@ async def chat(ws: WebSocket) -> None:
         while (message := await ws.receive())["type"] != "websocket.disconnect":
             try:
                 request = parse(message)
-            except BadRequest as bad:
-                await send(ws, refuse(bad.frame))
-                continue
-            held = {s for s in held if s.owner is ws and SESSIONS.get(s.id) is s}
-            streaming = sending is not None and not sending.done()
-            try:
+                held = {s for s in held if s.owner is ws and SESSIONS.get(s.id) is s}
+                streaming = sending is not None and not sending.done()
                 sending = await handle(ws, request, held, streaming) or sending
             except BadRequest as bad:
                 await send(ws, refuse(bad.frame))
@@ -1545,7 +1544,7 @@ async def handle(
     elif len(STREAMS) >= MAX_CONCURRENT_STREAMS and not make_room():
         raise BadRequest("busy", ERROR_MESSAGES["busy"], session_id)
     elif session is None and (session := new_session(session_id, ws)) is None:
-        raise BadRequest("busy", f"{MAX_SESSIONS=} are all in use; try again later.", session_id)
+        raise BadRequest("busy", SESSIONS_FULL, session_id)
     else:
         new = session not in held
         try:

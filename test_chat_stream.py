@@ -126,6 +126,12 @@ def run_server(
         process.wait()
 
 
+def start_up(**settings: Any) -> subprocess.CompletedProcess:
+    """`python chat_stream.py` with these settings, run to its exit (for settings that stop start-up)."""
+    command = [sys.executable, "chat_stream.py"]
+    return subprocess.run(command, cwd=HERE, env=server_env(**settings), capture_output=True, text=True, timeout=60)
+
+
 @pytest.fixture(scope="session")
 def bedrock() -> Iterator[FakeBedrock]:
     fake = FakeBedrock()
@@ -585,14 +591,7 @@ def test_unverified_model_streams(tmp_path: Path, bedrock: FakeBedrock) -> None:
 # An application inference profile (an ARN) streams once BEDROCK_PROVIDER names its provider; without it,
 # start-up stops with one line saying so.
 def test_application_inference_profile(tmp_path: Path, bedrock: FakeBedrock) -> None:
-    result = subprocess.run(
-        [sys.executable, "chat_stream.py"],
-        cwd=HERE,
-        env=server_env(BEDROCK_MODEL_ID=PROFILE_ARN, BEDROCK_ENDPOINT_URL=bedrock.url),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = start_up(BEDROCK_MODEL_ID=PROFILE_ARN, BEDROCK_ENDPOINT_URL=bedrock.url)
     assert result.returncode == 1
     assert (
         result.stderr.strip()
@@ -701,14 +700,7 @@ def test_offline_model_end_turn(tmp_path: Path) -> None:
     ],
 )
 def test_bad_setting_stops_startup(key: str, value: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "chat_stream.py"],
-        cwd=HERE,
-        env=server_env(**{key: value}),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = start_up(**{key: value})
     assert result.returncode == 1
     assert result.stderr.splitlines() == [result.stderr.strip()] and f"{key}={value!r}" in result.stderr
 
@@ -716,9 +708,7 @@ def test_bad_setting_stops_startup(key: str, value: str) -> None:
 # A bad REDIS_URL stops start-up too, with one line that does not show it (it may hold a password).
 @pytest.mark.parametrize("url", ["http://:hunter2@redis:6379/0", "redis://:hunter2@redis:6379/0?db=first"])
 def test_bad_redis_url_stops_startup(url: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "chat_stream.py"], cwd=HERE, env=server_env(REDIS_URL=url), capture_output=True, text=True
-    )
+    result = start_up(REDIS_URL=url)
     assert result.returncode == 1 and result.stderr.splitlines() == [
         "chat_stream: bad setting REDIS_URL(not shown: it may hold a password): expected a redis:// or rediss:// URL"
     ]
@@ -883,9 +873,7 @@ def test_guardrail(bedrock: FakeBedrock, tmp_path: Path, mode: str) -> None:
 # GUARDRAIL_ID without GUARDRAIL_VERSION (or the other way round) stops start-up with one line.
 @pytest.mark.parametrize("half", [{"GUARDRAIL_ID": "gr-abc123"}, {"GUARDRAIL_VERSION": "2"}], ids=["id", "version"])
 def test_half_a_guardrail_stops_startup(half: dict[str, str]) -> None:
-    result = subprocess.run(
-        [sys.executable, "chat_stream.py"], cwd=HERE, env=server_env(**half), capture_output=True, text=True, timeout=60
-    )
+    result = start_up(**half)
     assert result.returncode == 1
     assert result.stderr == "chat_stream: set both GUARDRAIL_ID and GUARDRAIL_VERSION, or neither\n"
 
@@ -1801,13 +1789,7 @@ def begin_in(server: Server, bedrock: FakeBedrock, start: dict, question: str, t
 # Redis unreachable at start-up: one clear line (no password in it) and a non-zero exit.
 def test_unreachable_redis_at_startup(store: RedisServer) -> None:
     url = f"redis://:hunter2@127.0.0.1:{free_port()}/3"
-    result = subprocess.run(
-        [sys.executable, str(HERE / "chat_stream.py")],
-        env=server_env(REDIS_URL=url, BEDROCK_MODEL_ID="offline"),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = start_up(REDIS_URL=url, BEDROCK_MODEL_ID="offline")
     assert result.returncode == 1 and "hunter2" not in result.stderr + result.stdout
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"chat_stream: cannot reach Redis at redis://127.0.0.1:{url.rsplit(':', 1)[1]} (REDIS_URL):")
@@ -2587,14 +2569,7 @@ def test_json_logs(bedrock: FakeBedrock, tmp_path: Path) -> None:
 
 # A bad setting with LOG_FORMAT=json: the one line that says so is JSON too.
 def test_json_bad_setting() -> None:
-    result = subprocess.run(
-        [sys.executable, "chat_stream.py"],
-        cwd=HERE,
-        env=server_env(LOG_FORMAT="json", MAX_TOKENS="lots"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = start_up(LOG_FORMAT="json", MAX_TOKENS="lots")
     assert (result.returncode, result.stdout) == (1, "")
     line = json.loads(result.stderr)
     assert {k: v for k, v in line.items() if k != "time"} == {
