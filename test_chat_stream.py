@@ -5,6 +5,7 @@ Run: pytest -q          (QUICK=1 pytest -q skips the slow abuse and memory tests
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import hashlib
@@ -22,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from unittest.mock import ANY
@@ -98,16 +100,19 @@ def run_server(
     script: Path = HERE / "chat_stream.py",
     port: int | None = None,
     open_files: int | None = None,
+    app: str | None = None,
     **settings: Any,
 ) -> Iterator[Server]:
+    """`python script` (or with `app`, plain `uvicorn app` beside it) with these settings, until the test is done."""
     port = port or free_port()
     settings = {"SESSION_TTL": 0, "RESUME_GRACE": 0, "PROMPT_CACHE": "off", **settings}  # unless a test asks
     # otherwise, sessions die with their connection (every test of those rules runs as before resuming existed),
     # and requests carry no cache points (test_claude_model and the prompt caching tests show what "auto" adds)
     log_path = tmp_path / f"server-{port}.log"
     with log_path.open("w") as log:
+        command = [sys.executable, "-m", "uvicorn", app, "--port", str(port)] if app else [sys.executable, str(script)]
         process = subprocess.Popen(
-            [sys.executable, str(script)],
+            command,
             cwd=script.parent,
             env=server_env(PORT=port, **settings),
             stdout=log,
@@ -130,6 +135,16 @@ def start_up(**settings: Any) -> subprocess.CompletedProcess:
     """`python chat_stream.py` with these settings, run to its exit (for settings that stop start-up)."""
     command = [sys.executable, "chat_stream.py"]
     return subprocess.run(command, cwd=HERE, env=server_env(**settings), capture_output=True, text=True, timeout=60)
+
+
+def cut_reference(folder: Path) -> Path:
+    """The reference, as a team lifts it: the lines of chat_stream.py above its first `# ===` line, saved in `folder`
+    as a module of their own (chat_reference.py)."""
+    lines = (HERE / "chat_stream.py").read_text().splitlines(keepends=True)
+    end = next(n for n, line in enumerate(lines) if line.startswith("# ==="))
+    path = folder / "chat_reference.py"
+    path.write_text("".join(lines[:end]))
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -206,6 +221,28 @@ def answer_frames(session_id: str, tokens: list[str], input_tokens: int, stop_re
 def text(*turns: str) -> list[dict[str, Any]]:
     """Bedrock messages for alternating user/assistant turns."""
     return [{"role": ("user", "assistant")[i % 2], "content": [{"text": t}]} for i, t in enumerate(turns)]
+
+
+def raw_connect(port: int, request: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(request)
+    return sock
+
+
+def handshake(
+    port: int, host: str = "127.0.0.1", headers: str = "", path: str = "/ws/chat/completions"
+) -> tuple[socket.socket, int]:
+    """A WebSocket handshake by hand (any Host header); returns the socket and the HTTP status."""
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
+    )
+    sock = raw_connect(port, request.encode())
+    sock.settimeout(10)
+    head = b""
+    while b"\r\n\r\n" not in head and (more := sock.recv(1)):
+        head += more
+    return sock, int(head.split()[1])
 
 
 # --- the protocol
@@ -602,6 +639,34 @@ def test_application_inference_profile(tmp_path: Path, bedrock: FakeBedrock) -> 
         with connect(server.ws_url) as ws:
             assert ask(ws, "via a profile") == answer_frames("s1", echo_tokens("via a profile"), 10)
     assert bedrock.calls_for("via a profile")[0].path == f"/model/{quote(PROFILE_ARN, safe='')}/converse-stream"
+
+
+# BedrockChat builds each request and reads each event with langchain-aws's own helpers (so that its model profiles,
+# which drop what a model refuses, and its per-family request fields carry over), through four private names. An
+# upgrade that renames or reshapes one fails here, naming it, before any answer can.
+def test_the_private_langchain_aws_names_bedrock_chat_uses() -> None:
+    from langchain_aws.chat_models import bedrock_converse as converse
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+    names = ("_messages_to_bedrock", "_parse_stream_event")
+    assert all(hasattr(converse, n) for n in names), f"langchain-aws no longer has {names}: BedrockChat needs them"
+    messages = [SystemMessage("s"), HumanMessage("q"), AIMessage("a"), HumanMessage("q2")]
+    assert converse._messages_to_bedrock(messages, [], model_id=NOVA, provider="amazon") == (
+        text("q", "a", "q2"),
+        [{"text": "s"}],
+    ), "langchain-aws's _messages_to_bedrock changed: BedrockChat._astream sends what it returns"
+    model = converse.ChatBedrockConverse(model_id=CLAUDE, region_name="us-east-1", temperature=0.5, max_tokens=100)
+    assert model._get_base_model() == CLAUDE.removeprefix("us."), "ChatBedrockConverse._get_base_model changed"
+    assert model._converse_params(stop=None) == {
+        "modelId": CLAUDE,
+        "inferenceConfig": {"maxTokens": 100, "temperature": 0.5},
+    }, "ChatBedrockConverse._converse_params changed: BedrockChat passes it to converse_stream"
+    stop = converse._parse_stream_event({"messageStop": {"stopReason": "end_turn"}})
+    usage = converse._parse_stream_event({"metadata": {"usage": {"inputTokens": 3, "outputTokens": 4}}})
+    assert stop.response_metadata == {"stopReason": "end_turn"}, "_parse_stream_event changed: the stop reason"
+    assert (usage.usage_metadata["input_tokens"], usage.usage_metadata["output_tokens"]) == (3, 4), "...: the usage"
+    with pytest.raises(ValueError):  # BedrockChat skips content newer than langchain-aws by this
+        converse._parse_stream_event({"somethingNew": {}})
 
 
 # BedrockChat, for teams that copy it: plain chat streams with the model name in the usage chunk's metadata;
@@ -1196,10 +1261,29 @@ def short_lived_redis(bedrock: FakeBedrock, store: RedisServer, tmp_path_factory
         yield s
 
 
-# The resume rules hold alike with the in-process store and with Redis (one process here; two further on). Each
-# test starts with no recorded Bedrock calls: it runs twice, with the same questions.
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="module")
+def resumable_reference(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp_path = tmp_path_factory.mktemp("reference")
+    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10}
+    with run_server(tmp_path, cut_reference(tmp_path), app="chat_reference:app", BEDROCK_ENDPOINT_URL=bedrock.url,
+                    **settings) as s:  # fmt: skip
+        yield s
+
+
+# The resume rules hold alike with the in-process store and with Redis (one process here; two further on), and in
+# the reference cut out alone (see "the reference alone"). Each test starts with no recorded Bedrock calls: it runs
+# three times, with the same questions.
+@pytest.fixture(params=["memory", "redis", "reference"])
 def resumable(request: pytest.FixtureRequest, bedrock: FakeBedrock) -> Server:
+    bedrock.calls.clear()
+    return request.getfixturevalue(f"resumable_{request.param}")
+
+
+@pytest.fixture(params=["memory", "redis"])
+def resumable_layered(request: pytest.FixtureRequest, bedrock: FakeBedrock) -> Server:
+    """A resumable server with the layers: the page, /metrics, and the server layer's uvicorn, which sends frames
+    uncompressed (plain uvicorn deflates them: the slow-reader tests' 100 kB tokens of one letter would shrink to
+    bytes and never fill a window)."""
     bedrock.calls.clear()
     return request.getfixturevalue(f"resumable_{request.param}")
 
@@ -1362,12 +1446,12 @@ def test_grace_expiry_closes_the_upstream(short_lived: Server, bedrock: FakeBedr
 # A half-open connection (it stopped reading, the server has not noticed) loses its session to a resume with the
 # valid token: the new connection gets the whole answer (a cancel from the old one no longer stops it), and the
 # old one's further questions get session_in_use.
-def test_takeover_from_a_half_open_connection(resumable: Server, bedrock: FakeBedrock) -> None:
+def test_takeover_from_a_half_open_connection(resumable_layered: Server, bedrock: FakeBedrock) -> None:
     tokens = [f" take{i}" for i in range(40)]
     bedrock.replies["take it over"] = Reply(tokens=tokens, delay=0.02)
-    refused = lambda: by(scrape(resumable)["chat_stream_refusals_total"], "code")["session_in_use"]  # noqa: E731
+    refused = lambda: by(scrape(resumable_layered)["chat_stream_refusals_total"], "code")["session_in_use"]  # noqa: E731
     refused_before = refused()
-    with slow_reader(resumable) as stale, connect(resumable.ws_url) as ws:
+    with slow_reader(resumable_layered) as stale, connect(resumable_layered.ws_url) as ws:
         stale.send(json.dumps({"question": "take it over"}))
         start = json.loads(stale.recv(timeout=5))  # and then it reads no more
         assert resume(ws, start, turn_id=start["turn_id"], after=0) == resumed(start, "take it over")
@@ -1385,10 +1469,10 @@ def test_takeover_from_a_half_open_connection(resumable: Server, bedrock: FakeBe
 
 # A client that reads slowly and then vanishes no longer holds the answer back: it is read to its end while the
 # session waits, and a resume delivers all of it.
-def test_slow_reader_that_leaves(resumable: Server, bedrock: FakeBedrock) -> None:
+def test_slow_reader_that_leaves(resumable_layered: Server, bedrock: FakeBedrock) -> None:
     tokens = [f"<{i}>" + "z" * 100_000 for i in range(250)]
     bedrock.replies["slow then gone"] = Reply(tokens=tokens)
-    with slow_reader(resumable) as ws:
+    with slow_reader(resumable_layered) as ws:
         ws.send(json.dumps({"question": "slow then gone"}))
         start = json.loads(ws.recv(timeout=5))
         wait_for(lambda: bedrock.calls_for("slow then gone"), 5, "the Bedrock request")
@@ -1397,7 +1481,7 @@ def test_slow_reader_that_leaves(resumable: Server, bedrock: FakeBedrock) -> Non
         assert not call.finished
         ws.socket.shutdown(socket.SHUT_RDWR)
     wait_for(lambda: call.finished, 5, "the answer to be read to its end")
-    with connect(resumable.ws_url, max_size=None) as ws:
+    with connect(resumable_layered.ws_url, max_size=None) as ws:
         assert resume(ws, start) == resumed(start, "slow then gone")
         assert read_answer(ws) == whole_answer(start, tokens, 1)
 
@@ -1456,10 +1540,10 @@ def drop_at_random(bedrock: FakeBedrock, urls: list[str], name: str) -> None:
 
 # A resume that claims more tokens than the answer has (after=10**6) gets the tokens from the next one on: the
 # answer, held back for a slow reader until then, is not left waiting for tokens that will never be sent.
-def test_resume_that_claims_too_much(resumable: Server, bedrock: FakeBedrock) -> None:
+def test_resume_that_claims_too_much(resumable_layered: Server, bedrock: FakeBedrock) -> None:
     tokens = [f"<{i}>" + "o" * 100_000 for i in range(250)]
     bedrock.replies["claims too much"] = Reply(tokens=tokens)
-    with slow_reader(resumable) as stale, connect(resumable.ws_url, max_size=None) as ws:
+    with slow_reader(resumable_layered) as stale, connect(resumable_layered.ws_url, max_size=None) as ws:
         stale.send(json.dumps({"question": "claims too much"}))
         start = json.loads(stale.recv(timeout=5))
         wait_for(lambda: bedrock.calls_for("claims too much"), 5, "the Bedrock request")
@@ -1537,6 +1621,113 @@ def test_max_sessions_evicts_the_oldest_detached(bedrock: FakeBedrock, tmp_path:
             full = "MAX_SESSIONS=2 are all in use; try again later."
             assert ask(b, "no room", "c") == [{"type": "error", "session_id": "c", "code": "busy", "message": full}]
             assert server.health() == {"status": "ok", "connections": 2, "sessions": 2, "detached": 0, "streams": 0}
+
+
+# --- the reference alone: the top of chat_stream.py, cut out at its `# ===` line, is a whole app on plain uvicorn
+
+
+# The cut imports nothing of the layers (no redis, prometheus_client, h11 or uvicorn's protocol classes), and
+# importing it leaves the host process alone: its GC, its logging, its excepthook, and a .env in a folder above.
+# A bad setting is a clear exception the host can catch, not an exit.
+def test_the_reference_imports_alone(tmp_path: Path) -> None:
+    folder = tmp_path / "app"
+    folder.mkdir()
+    cut = cut_reference(folder)
+    (tmp_path / ".env").write_text("TEMPERATURE=0.9\n")  # a folder above the module's
+    imports = {
+        alias.name if isinstance(node, ast.Import) else node.module
+        for node in ast.walk(ast.parse(cut.read_text()))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert not {i for i in imports if i.split(".")[0] in ("redis", "prometheus_client", "h11", "uvicorn")}, imports
+    script = """
+import gc, logging, sys
+before = (gc.get_threshold(), gc.get_freeze_count(), logging.root.handlers[:], sys.excepthook)
+import chat_reference
+after = (gc.get_threshold(), gc.get_freeze_count(), logging.root.handlers[:], sys.excepthook)
+layers = sorted(m for m in sys.modules if m.split(".")[0] in ("redis", "prometheus_client") or m.startswith("uvicorn"))
+print(before == after, chat_reference.TEMPERATURE, layers)
+"""
+    run = partial(subprocess.run, cwd=folder, capture_output=True, text=True, timeout=60)
+    result = run([sys.executable, "-c", script], env=server_env(BEDROCK_MODEL_ID="offline"))
+    assert result.stdout.split("\n") == ["True 0.3 []", ""], result.stderr
+    catch = "import chat_reference\nexcept ValueError as exc:\n    print(type(exc).__name__, exc)"
+    result = run([sys.executable, "-c", f"try:\n    {catch}"], env=server_env(MAX_TOKENS="lots"))
+    assert (result.returncode, result.stdout) == (
+        0,
+        "BadSetting bad setting MAX_TOKENS='lots': expected positive int\n",
+    )
+
+
+# The cut on plain uvicorn serves the protocol: an answer and memory (the request Bedrock received), cancel,
+# end_session, every refusal the connection makes, and every Bedrock error mapped to its code. (Resuming runs
+# through it too: the resume tests take it as one of their servers.)
+def test_the_reference_serves_the_protocol(resumable_reference: Server, bedrock: FakeBedrock) -> None:
+    server = resumable_reference
+    with connect(server.ws_url) as ws, connect(server.ws_url) as other:
+        assert ask(ws, "hello cut", "cut") == answer_frames("cut", echo_tokens("hello cut"), 10)
+        ask(ws, "and again", "cut")
+        (call,) = bedrock.calls_for("and again")
+        assert call.body["messages"] == text("hello cut", echo("hello cut"), "and again")
+        assert (call.body["system"], call.body["inferenceConfig"]) == (
+            [{"text": "Be brief."}],
+            {"maxTokens": 256, "temperature": 0.7},
+        )
+        start_slow_answer(ws, bedrock, "a long cut story", "cut-slow")
+        ws.send(json.dumps({"question": "too soon", "session_id": "cut-slow"}))
+        busy = {"type": "error", "session_id": "cut-slow", "code": "busy", "message": MESSAGES_BUSY}
+        assert read_answer(ws)[-1] == busy  # tokens meanwhile, then the refusal
+        other.send(json.dumps({"question": "mine now", "session_id": "cut-slow"}))
+        assert json.loads(other.recv(timeout=5)) == in_use("cut-slow")
+        ws.send(json.dumps({"type": "cancel"}))
+        assert read_answer(ws)[-1]["stop_reason"] == "cancelled"
+        ws.send(json.dumps({"type": "end_session", "session_id": "cut"}))
+        ws.send("not json")
+        invalid = {"type": "error", "code": "invalid_request", "message": "The frame is not valid JSON."}
+        assert json.loads(ws.recv(timeout=5)) == invalid
+        assert ask(ws, "x" * 1001, "cut")[-1]["code"] == "too_large"
+        assert ask(ws, "fresh start", "cut") == answer_frames("cut", echo_tokens("fresh start"), 10)
+        assert bedrock.calls_for("fresh start")[0].body["messages"] == text("fresh start")
+        for name, (reply, tokens, code) in ERRORS.items():
+            bedrock.replies[f"cut {name}"] = reply
+            error = {
+                "type": "error",
+                "session_id": "cut-errors",
+                "turn_id": ANY,
+                "code": code,
+                "message": MESSAGES[code],
+            }
+            assert ask(ws, f"cut {name}", "cut-errors") == [start("cut-errors"), *tokens_of(tokens), error], name
+    assert server.health() == {"status": "ok", "connections": 0, "sessions": ANY, "detached": ANY, "streams": ANY}
+
+
+# The cut answers with the offline model too, with no AWS call.
+def test_the_reference_offline(tmp_path: Path, bedrock: FakeBedrock) -> None:
+    before = len(bedrock.calls)
+    with run_server(tmp_path, cut_reference(tmp_path), app="chat_reference:app", BEDROCK_MODEL_ID="offline") as s:
+        with connect(s.ws_url) as ws:
+            assert ask(ws, "hi")[-1]["full_text"] == "This is the offline demo model, so I can only echo. You asked: hi"
+    assert len(bedrock.calls) == before
+
+
+# Lifted into another app, as a team would: its `app` mounted at /chat, and its `routes` among the host's own,
+# under a host app with no middleware and no lifespan of ours. Both answer (the Bedrock client opens at the first
+# question), and both refuse a DNS-rebinding handshake by themselves.
+def test_the_reference_lifted_into_another_app(tmp_path: Path, bedrock: FakeBedrock) -> None:
+    cut_reference(tmp_path)
+    (tmp_path / "host_app.py").write_text(
+        "import chat_reference\nfrom starlette.applications import Starlette\nfrom starlette.routing import Mount\n"
+        "app = Starlette(routes=[Mount('/chat', app=chat_reference.app), *chat_reference.routes])\n"
+    )
+    with run_server(tmp_path, tmp_path / "host_app.py", app="host_app:app", BEDROCK_ENDPOINT_URL=bedrock.url) as s:
+        for path in ("/chat/ws/chat/completions", "/ws/chat/completions"):
+            with connect(f"ws://127.0.0.1:{s.port}{path}") as ws:
+                assert ask(ws, f"lifted {path}") == answer_frames("s1", echo_tokens(f"lifted {path}"), 10)
+            sock, status = handshake(s.port, "rebind.attacker.example", path=path)
+            sock.close()
+            assert status == 400, path
+        assert httpx.get(f"{s.http}/chat/healthz").json()["status"] == "ok"
 
 
 # --- a shared store: sessions on Redis (a real redis-server), taken over across processes
@@ -1955,26 +2146,6 @@ def test_api_key_not_logged(guarded: Server) -> None:
 # --- limits and abuse: a real server, and clients that misbehave on purpose (raw sockets where needed)
 
 MIB = 1024  # in KiB, as /proc reports memory
-
-
-def raw_connect(port: int, request: bytes = b"") -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(request)
-    return sock
-
-
-def handshake(port: int, host: str = "127.0.0.1", headers: str = "") -> tuple[socket.socket, int]:
-    """A WebSocket handshake by hand (any Host header); returns the socket and the HTTP status."""
-    request = (
-        f"GET /ws/chat/completions HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
-    )
-    sock = raw_connect(port, request.encode())
-    sock.settimeout(10)
-    head = b""
-    while b"\r\n\r\n" not in head and (more := sock.recv(1)):
-        head += more
-    return sock, int(head.split()[1])
 
 
 def client_frame(opcode: int, payload: bytes) -> bytes:
@@ -2873,12 +3044,12 @@ def page_answer(page: Any, tokens: list[str], seconds: float = 15) -> None:
 # The connection drops mid-answer (closed from the page): the page reconnects, resumes by turn and seq, and the
 # answer carries on in place: nothing lost or doubled, from one upstream request.
 @needs_chromium
-def test_page_resumes_after_a_dropped_connection(page: Any, resumable: Server, bedrock: FakeBedrock) -> None:
+def test_page_resumes_after_a_dropped_connection(page: Any, resumable_layered: Server, bedrock: FakeBedrock) -> None:
     from playwright.sync_api import expect
 
     tokens = [f" drop{i}" for i in range(80)]
     bedrock.replies["page drop"] = Reply(tokens=tokens, delay=0.02)
-    open_chat(page, resumable.http + "/")
+    open_chat(page, resumable_layered.http + "/")
     ask_on_page(page, "page drop")
     expect(page.locator(".bot")).to_contain_text(" drop10")
     page.evaluate("ws.close()")
@@ -2892,12 +3063,12 @@ def test_page_resumes_after_a_dropped_connection(page: Any, resumable: Server, b
 # A refresh mid-answer: the page redraws the conversation from the server (earlier turns too) and carries on the
 # pending answer; the next question carries the whole history upstream.
 @needs_chromium
-def test_page_resumes_after_a_refresh(page: Any, resumable: Server, bedrock: FakeBedrock) -> None:
+def test_page_resumes_after_a_refresh(page: Any, resumable_layered: Server, bedrock: FakeBedrock) -> None:
     from playwright.sync_api import expect
 
     tokens = [f" fresh{i}" for i in range(80)]
     bedrock.replies["page refresh"] = Reply(tokens=tokens, delay=0.02)
-    open_chat(page, resumable.http + "/")
+    open_chat(page, resumable_layered.http + "/")
     ask_on_page(page, "page before")
     expect(page.locator(".bot")).to_have_text(echo("page before"))
     ask_on_page(page, "page refresh")
