@@ -18,7 +18,7 @@ Protocol, on ws://HOST:PORT/ws/chat/completions, one JSON text frame per message
                       {"turn_id", "question"}}, then the pending turn's tokens after `after`, live, and its end
 Error codes: invalid_request, too_large, busy, session_in_use, not_found, throttled, access_denied, model_error,
 unavailable, timeout, internal (each with its messages in ERRORS). After any error the connection stays open. Close
-codes: 1007 (text that is not UTF-8), 1008 (too many frames, or a refused handshake), 1009 (frame too large), 1012
+codes, from the server layer: 1007 (text that is not UTF-8), 1008 (too many frames), 1009 (frame too large), 1012
 (server restart: SIGTERM drains answers first). A session outlives its connection by SESSION_TTL, and its answer
 streams on for RESUME_GRACE, for a resume.
 
@@ -232,7 +232,6 @@ class Turn:
     first_token_at: float | None = None  # time.perf_counter() when the first token arrived
     final: dict[str, Any] | None = None  # its end or error frame, once the answer is over
     sent: int = 0  # tokens handed to the attached connection
-    shared: int = 0  # tokens written to the store
     task: asyncio.Task[None] | None = None  # the answer (see `answer`), reading Bedrock; or following another process
     stopped: str | None = None  # why the answer was stopped, once it was (see `halt`)
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # a token or the final frame arrived
@@ -256,7 +255,7 @@ CONNECTIONS: dict[WebSocket, asyncio.Task[None] | None] = {}  # open chat socket
 STREAMS: set[Turn] = set()  # answers whose Bedrock stream is open; at most MAX_CONCURRENT_STREAMS (an answer being
 # stopped to make room may hold its place a moment longer); each leaves as its stream closes
 BACKGROUND: set[asyncio.Task[Any]] = set()  # tasks nobody awaits (grace checks), until they end
-DRAINING = asyncio.Event()  # set while the process shuts down: /healthz says 503, no new question, answers finish
+DRAINING = asyncio.Event()  # set to stop taking work (a drain on SIGTERM does): /healthz says 503, no new question
 WINDOW = 64  # tokens an answer may read ahead of a connection that reads slowly; then Bedrock's stream waits
 
 
@@ -389,8 +388,8 @@ def make_room() -> bool:
 
 def counts() -> dict[str, int]:
     """What the process holds now, as /healthz shows it."""
-    sessions, detached = len(SESSIONS), len(DETACHED)
-    return {"connections": len(CONNECTIONS), "sessions": sessions, "detached": detached, "streams": len(STREAMS)}
+    now = {"connections": len(CONNECTIONS), "sessions": len(SESSIONS), "detached": len(DETACHED)}
+    return now | {"streams": len(STREAMS)}
 
 
 def background(coroutine: Any) -> None:
@@ -406,7 +405,7 @@ def digest(token: str) -> bytes:
 
 class Store:
     """Where sessions live for other processes: here, nowhere (SESSIONS is the whole store, and nothing is shared).
-    A shared store (RedisStore, below the line) replaces it, method for method; its failures raise StoreUnavailable."""
+    A shared store replaces it (STORE), method for method; its failures raise StoreUnavailable."""
 
     shared = False  # sessions live beyond this process
     healthy = True  # the store answers (/healthz says 503 when not)
@@ -478,9 +477,10 @@ class BedrockChat(ChatBedrockConverse):
     aclient: Any = None  # aiobotocore "bedrock-runtime" client: see `open`
     cache_points: bool = False  # prompt caching, for the models that take it
     pool_size: int = 10  # Bedrock connections at once
-    timeout: float = 60.0  # seconds Bedrock may stay silent, before or during an answer
+    silence_timeout: float = 60.0  # seconds Bedrock may stay silent, before or during an answer
     _opening: asyncio.Lock = PrivateAttr(default_factory=asyncio.Lock)
     _exits: AsyncExitStack = PrivateAttr(default_factory=AsyncExitStack)
+    _closed: bool = PrivateAttr(default=False)  # by `aclose`: an answer that starts after it is "unavailable"
 
     @model_validator(mode="after")
     def always_stream(self) -> BedrockChat:
@@ -489,12 +489,14 @@ class BedrockChat(ChatBedrockConverse):
 
     async def open(self) -> Any:
         """The aiobotocore client, opened by the first caller (the app's lifespan, or else its first answer) and kept
-        until `aclose`. After `timeout` seconds of silence a stream fails with a TimeoutError, its connection closed."""
+        until `aclose`. After `silence_timeout` seconds of silence a stream fails with a TimeoutError, its connection
+        closed."""
         async with self._opening:
+            if self._closed:
+                raise ConnectionError("the Bedrock client is closed: the app is shutting down")
             if self.aclient is None:
-                config = AioConfig(
-                    max_pool_connections=self.pool_size, connect_timeout=self.timeout, read_timeout=self.timeout
-                )
+                timeout = self.silence_timeout
+                config = AioConfig(max_pool_connections=self.pool_size, connect_timeout=timeout, read_timeout=timeout)
                 client = AioSession(profile=self.credentials_profile_name).create_client(
                     "bedrock-runtime", region_name=self.region_name, endpoint_url=self.endpoint_url, config=config
                 )
@@ -503,19 +505,18 @@ class BedrockChat(ChatBedrockConverse):
                 # vetoing them keeps `timeout` the bound a client sees, while throttling and 5xx are still retried
                 events = self.aclient.meta.events
                 events.register("request-created.bedrock-runtime", mark_sent)
-                events.register_first(
-                    "needs-retry.bedrock-runtime", partial(no_retry_after_timeout, timeout=self.timeout)
-                )
+                events.register_first("needs-retry.bedrock-runtime", partial(no_retry_after_timeout, timeout=timeout))
         return self.aclient
 
     async def aclose(self) -> None:
+        self._closed = True
         await self._exits.aclose()
         self.aclient = None
 
     @asynccontextmanager
     async def connect(self, pool_size: int, timeout: float) -> AsyncIterator[None]:
         """The client open for a block, with these limits."""
-        self.pool_size, self.timeout = pool_size, timeout
+        self.pool_size, self.silence_timeout, self._closed = pool_size, timeout, False
         await self.open()
         try:
             yield
@@ -672,7 +673,7 @@ def build_model() -> BaseChatModel:
             "streamProcessingMode": GUARDRAIL_STREAM_MODE,
         },
         pool_size=MAX_CONCURRENT_STREAMS,
-        timeout=STREAM_TIMEOUT,
+        silence_timeout=STREAM_TIMEOUT,
     )
 
 
@@ -786,17 +787,17 @@ class StoreUnavailable(Exception):
 
 class Meter:
     """What answers and refusals leave behind: each answer's one log line (never its text), and the error frames that
-    end no answer, counted by code. The metrics layer replaces it with one that feeds Prometheus too."""
+    end no answer, counted by code. A subclass that feeds a metrics system too can replace it (METER)."""
 
     def __init__(self) -> None:
         self.refusals: dict[str, int] = {}
         self.retries = 0  # Bedrock requests botocore sent again
 
     def answered(
-        self, session: Session, turn: Turn, outcome: str, started: float, usage: dict[str, int], reported: bool
+        self, session: Session, turn: Turn, outcome: str, took: float, first: float | None, usage: dict, reported: bool
     ) -> None:
-        """`outcome`: end, cancelled, disconnected or an error code; `reported`: the usage is the model's own."""
-        took, first = time.perf_counter() - started, turn.first_token_at and turn.first_token_at - started
+        """`outcome`: end, cancelled, disconnected or an error code; `took`, `first`: seconds to the final frame and to
+        the first token (None: none came); `reported`: the usage is the model's own."""
         fields = {"session_id": session.id, "turn_id": turn.id, "model": BEDROCK_MODEL_ID}
         fields |= {"ttft_ms": first and round(first * 1000), "duration_ms": round(took * 1000)}
         fields |= {"tokens_in": usage["input_tokens"], "tokens_out": usage["output_tokens"], "outcome": outcome}
@@ -828,7 +829,7 @@ async def refuse(ws: WebSocket, frame: dict[str, Any]) -> None:
 
 async def answer(session: Session, turn: Turn) -> None:
     """Read the model's answer into `turn`, to its final frame, whether or not a connection is attached."""
-    stop_reason, usage, held = None, None, len(session.history) // 2  # the completed turns before this question
+    stop_reason, usage, completed = None, None, len(session.history) // 2  # the turns before this question
     started, outcome = time.perf_counter(), "end"
     try:
         try:
@@ -837,7 +838,7 @@ async def answer(session: Session, turn: Turn) -> None:
             if not (overflowed(exc) and session.history):
                 raise
             log.info("context overflow: session=%r turn=%s: retrying with half the history", session.id, turn.id)
-            oldest_half = (held + 1) // 2  # turns, rounded up; they go for good
+            oldest_half = (completed + 1) // 2  # turns, rounded up; they go for good
             del session.history[: 2 * oldest_half]
             stop_reason, usage = await read(session, turn)
     except asyncio.CancelledError:
@@ -857,11 +858,13 @@ async def answer(session: Session, turn: Turn) -> None:
     finally:
         STREAMS.discard(turn)  # the upstream is closed: from here on a cancel cannot cut it short
         billed = usage or {"input_tokens": 0, "output_tokens": len(turn.tokens)}  # Bedrock's, or when it never came
-        METER.answered(session, turn, outcome, started, billed, reported=usage is not None)  # (a cancel) the deltas
+        # deltas read
+        took, first = time.perf_counter() - started, turn.first_token_at and turn.first_token_at - started
+        METER.answered(session, turn, outcome, took, first, billed, reported=usage is not None)  # (a cancel) the
         usage = dict.fromkeys(CACHE_USAGE, 0) | billed
     if outcome in ("end", "cancelled"):
         end = {"type": "end", "session_id": session.id, "turn_id": turn.id, "full_text": "".join(turn.tokens)}
-        trimmed = held - len(turn.context) // 2  # turns left out, by the budget or the overflow
+        trimmed = completed - len(turn.context) // 2  # turns left out, by the budget or the overflow
         turn.final = {**end, "stop_reason": stop_reason, "usage": usage, "history_trimmed": trimmed}
     else:
         turn.final = error_frame("too_long_for_model" if outcome == "too_large" else outcome, session.id, turn.id)
@@ -1010,12 +1013,18 @@ def is_unicode(text: str) -> bool:
         return False
 
 
+HOST_HEADER = re.compile(r"(?P<name>[a-z0-9._-]+|\[[a-f0-9:.]+\])(?::[0-9]{1,5})?")  # a name or [IPv6], a port
+
+
 def host_allowed(ws: WebSocket) -> bool:
-    """The Host header names one of ALLOWED_HOSTS (DNS rebinding), as Starlette's TrustedHostMiddleware checks it for
-    the app: checked here too, so that the chat route refuses a rebinding wherever it is mounted."""
-    host = ws.headers.get("host", "")
-    name = host if host.endswith("]") or ":" not in host else host.rpartition(":")[0]  # without its port
-    return any(p in ("*", name.lower()) or (p.startswith("*.") and name.lower().endswith(p[1:])) for p in ALLOWED_HOSTS)
+    """The Host header names one of ALLOWED_HOSTS (DNS rebinding), as the app's TrustedHostMiddleware requires: checked
+    here too, so that the chat route refuses a rebinding wherever it is mounted, with or without that middleware."""
+    if "*" in ALLOWED_HOSTS:
+        return True
+    if (host := HOST_HEADER.fullmatch(ws.headers.get("host", "").lower())) is None:
+        return False
+    name = host["name"]
+    return any(name == p or (p.startswith("*.") and name.endswith(p[1:])) for p in ALLOWED_HOSTS)
 
 
 def handshake_allowed(ws: WebSocket) -> bool:
@@ -1164,6 +1173,7 @@ async def take(session_id: str, token: str) -> Session | None:
     if here is not None:
         let_go(here, answer_goes_on=False)
     elif not admit():  # they filled up during the round trip
+        let_go(session, answer_goes_on=False)  # it follows nothing
         await STORE.release(session)
         raise BadRequest("sessions_full", session_id)
     SESSIONS[session.id] = session
@@ -1206,13 +1216,15 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     """The store reached and the Bedrock client opened before the first question (without this lifespan, the first
     question opens the client); both closed after the last answer."""
     await STORE.open()
-    if isinstance(MODEL, BedrockChat):
-        await MODEL.open()
-    log.info("chat-stream ready: model=%s", BEDROCK_MODEL_ID)
-    yield
-    if isinstance(MODEL, BedrockChat):
-        await MODEL.aclose()
-    await STORE.close()  # after the drain: the last answers are written
+    try:
+        if isinstance(MODEL, BedrockChat):
+            await MODEL.open()
+        log.info("chat-stream ready: model=%s", BEDROCK_MODEL_ID)
+        yield
+    finally:
+        if isinstance(MODEL, BedrockChat):
+            await MODEL.aclose()
+        await STORE.close()  # after the last answer (a SIGTERM drain lets them finish): the last ones are written
 
 
 routes = [
@@ -1255,6 +1267,7 @@ def redis_url(raw: str) -> str:
 redis_url.__name__ = "a redis:// or rediss:// URL"
 REDIS_URL = setting("REDIS_URL", redis_url, None, secret=True)  # sessions shared by processes; unset: this one
 PROCESS = secrets.token_hex(6)  # this process, as the others that share the store name it
+CLAIMS = itertools.count(1)  # numbers each hold a copy of a session here takes on it
 MESSAGES = {"human": HumanMessage, "ai": AIMessage}  # LangChain's message types, as the store keeps them
 ERRORS["producer_gone"] = (
     "unavailable",
@@ -1356,10 +1369,14 @@ class RedisStore(Store):
         scripts = ("BEGIN", "CLAIM", "SETTLE", "RELEASE", "FORGET", "FLUSH", "TOUCH")
         self.scripts = {name: self.redis.register_script(getattr(self, name)) for name in scripts}
         self.process = f"chat:process:{PROCESS}"
-        self.claims: weakref.WeakKeyDictionary[Session, str] = weakref.WeakKeyDictionary()  # each copy's hold
-        self.numbers = itertools.count(1)  # of those holds
-        self.held: dict[str, Session] = {}  # the copies a connection here holds (renewed; a resume elsewhere lets
-        # one go); each leaves as its connection releases it, ends it, or is told the session moved
+        # the copies of sessions made here, each with its claim (as a key's owner field names it), both ways; entries
+        # leave with their copy, or when a resume here replaces it, or a notice lets it go
+        self.claims: weakref.WeakKeyDictionary[Session, str] = weakref.WeakKeyDictionary()
+        self.copies: weakref.WeakValueDictionary[str, Session] = weakref.WeakValueDictionary()
+        self.attached: dict[str, Session] = {}  # the copies a connection here holds (their keys renewed); each leaves
+        # as its connection releases it or ends it, or when a notice lets it go
+        self.reading: weakref.WeakValueDictionary[str, Turn] = weakref.WeakValueDictionary()  # turns read here, by id
+        self.shared: weakref.WeakKeyDictionary[Turn, int] = weakref.WeakKeyDictionary()  # tokens written, by turn
         self.tasks: set[asyncio.Task[Any]] = set()  # the writer, the listener, followers and notices, until they end
         self.held_ttl = milliseconds(SESSION_TTL + 60)
         self.live: set[Turn] = set()  # the turns this process reads whose final frame is not written yet
@@ -1368,11 +1385,18 @@ class RedisStore(Store):
         self.beat_at = 0.0  # when the process's key is renewed next (loop time)
         self.touch_at = 0.0  # when the keys of the sessions attached here are renewed next
 
-    def hold(self, session: Session) -> str:
-        """The claim of this copy of the session: `{process}.{n}`, as the key's owner field names it."""
+    def claim_of(self, session: Session) -> str:
+        """The claim of this copy of the session, `{process}.{n}`, made the first time it is asked for."""
         if session not in self.claims:
-            self.claims[session] = f"{PROCESS}.{next(self.numbers)}"
+            self.claims[session] = claim = f"{PROCESS}.{next(CLAIMS)}"
+            self.copies[claim] = session
         return self.claims[session]
+
+    def unclaim(self, session: Session) -> None:
+        """This copy is no longer the process's: no notice reaches it, and its key is not renewed from here."""
+        self.copies.pop(self.claims.get(session, ""), None)
+        if self.attached.get(session.id) is session:
+            del self.attached[session.id]
 
     @contextlib.contextmanager
     def reaching(self) -> Iterator[None]:
@@ -1413,12 +1437,13 @@ class RedisStore(Store):
 
     async def begin(self, session: Session, turn: Turn) -> bool:
         keys = [self.session_key(session.id), self.process]
-        args = [self.hold(session), digest(session.resume_token), dumps(session.history), turn.id, turn.question]
+        args = [self.claim_of(session), digest(session.resume_token), dumps(session.history), turn.id, turn.question]
+        self.reading[turn.id] = turn  # a cancel from elsewhere finds it, even one sent as this call returns
         with self.reaching():
             if not await self.scripts["BEGIN"](keys, [*args, self.held_ttl, milliseconds(self.LEASE), PROCESS]):
-                self.unhold(session)
+                self.unclaim(session)
                 return False
-        self.held[session.id] = session
+        self.attached[session.id] = session
         self.live.add(turn)
         self.record(turn)  # the tokens read meanwhile
         return True
@@ -1446,7 +1471,7 @@ class RedisStore(Store):
 
     async def claim(self, session_id: str, token: str, here: Session | None) -> Session | None:
         session = Session(session_id, None, token)
-        args = [self.hold(session), digest(token), self.held_ttl, session_id]
+        args = [self.claim_of(session), digest(token), self.held_ttl, session_id]
         with self.reaching():
             if not (saved := await self.scripts["CLAIM"]([self.session_key(session_id)], args)):
                 return None
@@ -1457,24 +1482,23 @@ class RedisStore(Store):
                 # on chat:moved, let `here` go meanwhile)
             elif turn_id:
                 session.pending = await self.follow(session, Turn(turn_id, question, producer))
-        self.held[session_id] = session
+        if here is not None:
+            self.unclaim(here)  # replaced by `session` (see take)
+        self.attached[session_id] = session
         return session
 
-    def unhold(self, session: Session) -> None:
-        if self.held.get(session.id) is session:
-            del self.held[session.id]
-
     async def release(self, session: Session) -> None:
-        self.unhold(session)
+        if self.attached.get(session.id) is session:  # subtle: its claim stays, so that if this call fails, a notice
+            del self.attached[session.id]  # still reaches the copy when a resume elsewhere takes the session
         with self.reaching():
             await self.scripts["RELEASE"](
-                [self.session_key(session.id)], [self.hold(session), milliseconds(SESSION_TTL)]
+                [self.session_key(session.id)], [self.claim_of(session), milliseconds(SESSION_TTL)]
             )
 
     async def forget(self, session: Session) -> None:
-        self.unhold(session)
+        self.unclaim(session)
         with self.reaching():
-            await self.scripts["FORGET"]([self.session_key(session.id)], [self.hold(session)])
+            await self.scripts["FORGET"]([self.session_key(session.id)], [self.claim_of(session)])
 
     async def exists(self, session_id: str) -> bool:
         with self.reaching():
@@ -1483,7 +1507,7 @@ class RedisStore(Store):
     async def read_elsewhere(self, session: Session) -> bool:
         try:
             owner = (await self.redis.hget(self.session_key(session.id), "owner") or b"").decode()
-            if not owner or owner == self.hold(session):
+            if not owner or owner == self.claims.get(session):
                 return False
             return bool(await self.redis.exists(f"chat:process:{owner.partition('.')[0]}"))
         except RedisError:
@@ -1509,7 +1533,7 @@ class RedisStore(Store):
     async def touch(self) -> None:
         """Renew the keys of the sessions attached here: a session lives on while a connection holds it, idle or
         not, as in one process."""
-        if attached := [self.session_key(session_id) for session_id in self.held]:
+        if attached := [self.session_key(session_id) for session_id in self.attached]:
             await self.scripts["TOUCH"](attached, [self.held_ttl])
 
     async def flush(self, beat: bool) -> None:
@@ -1519,11 +1543,12 @@ class RedisStore(Store):
         written = {turn: (len(turn.tokens), turn.final) for turn in turns}
         keys, args = [], []
         for turn, (count, final) in written.items():
-            batch = json.dumps(turn.tokens[turn.shared : count], ensure_ascii=False) if turn.shared < count else ""
+            shared = self.shared.get(turn, 0)
+            batch = json.dumps(turn.tokens[shared:count], ensure_ascii=False) if shared < count else ""
             end = "" if final is None else json.dumps(final, ensure_ascii=False)
-            renew = turn.shared == 0 or final is not None or turn.shared // 100 < count // 100  # first, last, and
-            keys.append(self.turn_key(turn.id))  # every 100 tokens between
-            args += [turn.shared + 1, batch, end, len(turn.context), self.held_ttl if renew else 0, turn.id]
+            renew = shared == 0 or final is not None or shared // 100 < count // 100  # first, last, and every 100
+            keys.append(self.turn_key(turn.id))  # tokens between
+            args += [shared + 1, batch, end, len(turn.context), self.held_ttl if renew else 0, turn.id]
         args.append(milliseconds(self.LEASE) if beat else 0)
         if beat:
             args += [turn.id for turn in self.live if written.get(turn, (0, None))[1] is None]
@@ -1535,7 +1560,7 @@ class RedisStore(Store):
             raise
         self.healthy = True
         for turn, (count, final) in written.items():
-            turn.shared = count
+            self.shared[turn] = count
             if final is not None:
                 self.live.discard(turn)
 
@@ -1561,8 +1586,8 @@ class RedisStore(Store):
         return entries[-1][0]
 
     async def tail(self, session: Session, turn: Turn, last: bytes) -> None:
-        """Follow the turn to its final frame. If its process dies first (its key is gone, and no frame came for two
-        seconds), the turn ends as unavailable."""
+        """Follow the turn to its final frame. If its process stops reading it first (it is no longer in the process's
+        key, and no frame came for two seconds), the turn ends as unavailable; unless it was delivered meanwhile."""
         key, misses = self.turn_key(turn.id), 0
         try:
             while turn.final is None:
@@ -1570,8 +1595,15 @@ class RedisStore(Store):
                     last, misses = self.apply(session, turn, reply[0][1]), 0
                 elif not await self.redis.sismember(f"chat:process:{turn.producer}", turn.id):
                     misses += 1  # subtle: twice, as a final frame written just after the read is then read
-                    if misses == 2:
-                        turn.final = error_frame("producer_gone", session.id, turn.id)
+                    if misses < 2:
+                        continue
+                    if await self.redis.hget(self.session_key(session.id), "turn") != turn.id.encode():
+                        # subtle: delivered elsewhere after this copy was read, to a connection its client had left
+                        # (the turn and its frames are gone): as when a resume elsewhere takes the session, this copy
+                        # goes, and its reader is told to resume, which brings the answer in the history
+                        let_go(session, answer_goes_on=False)
+                        return
+                    turn.final = error_frame("producer_gone", session.id, turn.id)
         except RedisError as exc:
             log.warning("lost the answer turn=%s from Redis: %s", turn.id, exc)
             turn.final = error_frame("store_down", session.id, turn.id)
@@ -1592,13 +1624,11 @@ class RedisStore(Store):
     def notice(self, channel: str, data: str) -> None:
         if channel == "chat:moved":
             session_id, claim = json.loads(data)
-            if (session := self.held.get(session_id)) and self.claims.get(session) == claim:
-                del self.held[session_id]
+            if (session := self.copies.get(claim)) is not None and session.id == session_id:
+                self.unclaim(session)
                 let_go(session, answer_goes_on=True)  # its connection's next question: session_in_use
-        else:
-            for turn in self.live:
-                if turn.id == data:
-                    halt(turn, "cancelled")
+        elif turn := self.reading.get(data):
+            halt(turn, "cancelled")
 
 
 def reach_redis(url: str) -> None:
@@ -1649,7 +1679,7 @@ class JSONLines(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
-            **getattr(record, "answer", {}),  # see `account`
+            **getattr(record, "answer", {}),  # see Meter.answered
         }
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
@@ -1749,10 +1779,9 @@ class PrometheusMeter(Meter):
     """The reference's meter, feeding Prometheus from the same calls: the log line and the metrics cannot disagree."""
 
     def answered(
-        self, session: Session, turn: Turn, outcome: str, started: float, usage: dict[str, int], reported: bool
+        self, session: Session, turn: Turn, outcome: str, took: float, first: float | None, usage: dict, reported: bool
     ) -> None:
-        super().answered(session, turn, outcome, started, usage, reported)
-        took, first = time.perf_counter() - started, turn.first_token_at and turn.first_token_at - started
+        super().answered(session, turn, outcome, took, first, usage, reported)
         ANSWERS.labels(outcome).inc()
         DURATION.labels(BEDROCK_MODEL_ID, outcome).observe(took)
         if first is not None:
@@ -2038,10 +2067,6 @@ for name in ("uvicorn.error", "uvicorn.access"):
     logging.getLogger(name).addFilter(HideToken())
 
 
-for name in ("uvicorn.error", "uvicorn.access"):
-    logging.getLogger(name).addFilter(HideToken())
-
-
 def tuned(lifespan: Callable[[Starlette], Any]) -> Callable[[Starlette], Any]:
     """`lifespan`, with the garbage collector tuned once the app has started. subtle: LangChain allocates several
     objects per token. Freezing the ~200k objects of the imported libraries keeps full collections from scanning
@@ -2176,8 +2201,9 @@ async def drain() -> None:
     if STORE.shared and STREAMS:  # answers read for no connection here: their clients may resume elsewhere
         finishing.append(asyncio.wait([turn.task for turn in STREAMS], timeout=DRAIN_TIMEOUT))
     await asyncio.gather(*finishing, return_exceptions=True)
-    for turn in list(STREAMS):
-        halt(turn, "disconnected")  # cut what is left: answers past the deadline, or whose client left during the drain
+    for turn in list(STREAMS):  # cut what is left: answers past the deadline, or whose client left during the drain
+        halt(turn, "disconnected")
+        turn.task.cancel()  # even one stopped already, whose own cancel is still on its way
     await asyncio.gather(*(turn.task for turn in STREAMS), return_exceptions=True)
 
 

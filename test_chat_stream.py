@@ -1,6 +1,12 @@
 """Tests for chat_stream.py: a real uvicorn server, real WebSocket clients, and a local Bedrock on the real wire.
 
 Run: pytest -q          (QUICK=1 pytest -q skips the slow abuse and memory tests; CI runs them all)
+
+Laid out as the module is: fixtures, then the helpers the sections share, then a section for each part of the
+reference in the order a question travels (settings, the protocol, the models, errors, the meter, long
+conversations, the connection, resuming, security), the reference cut out alone, and below a `# ===` line a
+section for each layer (the Redis store, metrics and JSON logs, the page, the server). Each section opens with a
+line on what it proves, and each test with a line on what it shows.
 """
 
 from __future__ import annotations
@@ -58,7 +64,8 @@ slow = pytest.mark.skipif(os.environ.get("QUICK") == "1", reason="slow; QUICK=1 
 PROFILE_ARN = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/chat1234"
 
 
-# --- fixtures: the server as users start it (python chat_stream.py), configured through its environment
+# --- fixtures: the servers as users start them (python chat_stream.py, or the reference cut out alone on plain
+# uvicorn), configured through their environment; a local Bedrock, a redis-server, Chromium
 
 
 @dataclass
@@ -176,6 +183,154 @@ def ws(server: Server) -> Iterator[ClientConnection]:
         yield conn
 
 
+@pytest.fixture
+def small_model() -> Iterator[FakeBedrock]:
+    """A Bedrock whose model refuses requests over 800 estimated tokens, as real models refuse a context overflow."""
+    fake = FakeBedrock(Reply(first_delay=0.05), context_limit=800)  # 20 questions a second at most: the frame budget
+    yield fake
+    fake.close()
+
+
+@pytest.fixture(scope="module")
+def resumable_memory(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10}
+    with run_server(tmp_path_factory.mktemp("resumable"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def resumable_redis(bedrock: FakeBedrock, store: RedisServer, tmp_path_factory: pytest.TempPathFactory):
+    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, "REDIS_URL": store.url}
+    with run_server(tmp_path_factory.mktemp("resumable"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def short_lived_memory(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    settings = {**DEFAULTS, "SESSION_TTL": 3, "RESUME_GRACE": 1, "MAX_HISTORY_MESSAGES": 10}
+    with run_server(tmp_path_factory.mktemp("short"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def short_lived_redis(bedrock: FakeBedrock, store: RedisServer, tmp_path_factory: pytest.TempPathFactory):
+    settings = {**DEFAULTS, "SESSION_TTL": 3, "RESUME_GRACE": 1, "MAX_HISTORY_MESSAGES": 10, "REDIS_URL": store.url}
+    with run_server(tmp_path_factory.mktemp("short"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def resumable_reference(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp_path = tmp_path_factory.mktemp("reference")
+    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10}
+    with run_server(tmp_path, cut_reference(tmp_path), app="chat_reference:app", BEDROCK_ENDPOINT_URL=bedrock.url,
+                    **settings) as s:  # fmt: skip
+        yield s
+
+
+# The resume rules hold alike with the in-process store and with Redis (one process here; two further on), and in
+# the reference cut out alone (see "the reference alone"). Each test starts with no recorded Bedrock calls: it runs
+# three times, with the same questions.
+@pytest.fixture(params=["memory", "redis", "reference"])
+def resumable(request: pytest.FixtureRequest, bedrock: FakeBedrock) -> Server:
+    bedrock.calls.clear()
+    return request.getfixturevalue(f"resumable_{request.param}")
+
+
+@pytest.fixture(params=["memory", "redis"])
+def resumable_layered(request: pytest.FixtureRequest, bedrock: FakeBedrock) -> Server:
+    """A resumable server with the layers: the page, /metrics, and the server layer's uvicorn, which sends frames
+    uncompressed (plain uvicorn deflates them: the slow-reader tests' 100 kB tokens of one letter would shrink to
+    bytes and never fill a window)."""
+    bedrock.calls.clear()
+    return request.getfixturevalue(f"resumable_{request.param}")
+
+
+@pytest.fixture(params=["memory", "redis"])
+def short_lived(request: pytest.FixtureRequest, bedrock: FakeBedrock) -> Server:
+    bedrock.calls.clear()
+    return request.getfixturevalue(f"short_lived_{request.param}")
+
+
+def redis_server() -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
+    server = RedisServer()
+    yield server
+    server.close()
+
+
+store = pytest.fixture(redis_server, scope="module", name="store")  # shared by the tests of one module
+
+
+own_store = pytest.fixture(redis_server, name="own_store")  # a test's own, to stop, restart or count keys in
+
+
+@pytest.fixture(scope="module")
+def pair(store: RedisServer, bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
+    """Two server processes sharing one Redis: a client dropped by one resumes on the other."""
+    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, "REDIS_URL": store.url}
+    with contextlib.ExitStack() as stack:
+        yield [
+            stack.enter_context(run_server(tmp_path_factory.mktemp(name), BEDROCK_ENDPOINT_URL=bedrock.url, **settings))
+            for name in "ab"
+        ]
+
+
+@pytest.fixture(scope="module")
+def guarded(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    settings = {"CHAT_API_KEY": API_KEY, "ALLOWED_ORIGINS": "https://app.example, https://other.example/"}
+    with run_server(tmp_path_factory.mktemp("guarded"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
+        yield server
+
+
+API_KEY = "k3y/with+odd=chars"
+
+
+@pytest.fixture
+def fresh(bedrock: FakeBedrock, tmp_path: Path) -> Iterator[Server]:
+    """A server of its own with the default limits, so its memory is measured alone."""
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, CHAT_API_KEY=API_KEY) as server:
+        yield server
+
+
+CHROMIUM = shutil.which("chromium")
+
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    page = browser.new_page()
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.dialogs = dialogs
+    yield page
+    page.close()
+
+
+# --- shared helpers: what the sections below ask, read and expect
+
+
 def ask(ws: ClientConnection, question: str, session_id: str = "s1") -> list[dict[str, Any]]:
     """Send a question; return every frame up to and including its end or error."""
     ws.send(json.dumps({"question": question, "session_id": session_id}))
@@ -245,7 +400,258 @@ def handshake(
     return sock, int(head.split()[1])
 
 
-# --- the protocol
+RESUME_TYPES = "resume_token must be a string, and turn_id a string if given."
+
+
+ERRORS = {
+    "http 403": (Reply(http_error=(403, "AccessDeniedException")), [], "access_denied"),
+    "http 429": (Reply(http_error=(429, "ThrottlingException")), [], "throttled"),
+    "http 400": (Reply(http_error=(400, "ValidationException")), [], "model_error"),
+    "http 404": (Reply(http_error=(404, "ResourceNotFoundException")), [], "model_error"),
+    "http 500": (Reply(http_error=(500, "InternalServerException")), [], "unavailable"),
+    "http 503": (Reply(http_error=(503, "ServiceUnavailableException")), [], "unavailable"),
+    "stream throttling": (Reply(tokens=["a", "b"], exception="throttlingException"), ["a", "b"], "throttled"),
+    "stream model error": (Reply(tokens=["a"], exception="modelStreamErrorException"), ["a"], "model_error"),
+    "stream validation": (Reply(tokens=["a"], exception="validationException"), ["a"], "model_error"),
+    "stream internal": (Reply(tokens=["a"], exception="internalServerException"), ["a"], "unavailable"),
+    "stream unavailable": (Reply(tokens=["a"], exception="serviceUnavailableException"), ["a"], "unavailable"),
+    "connection cut": (Reply(tokens=["a", "b"], cut=True), ["a", "b"], "unavailable"),
+    "silence": (Reply(tokens=["a"], hang=True), ["a"], "timeout"),
+    "corrupt event": (Reply(tokens=["a"], corrupt=True), ["a"], "internal"),
+    "no messageStop": (Reply(tokens=["a", "b"], no_stop=True), ["a", "b"], "unavailable"),
+}
+
+
+MESSAGES = {
+    "throttled": "The model is receiving too many requests; try again shortly.",
+    "access_denied": "The server is not allowed to use the model; check its AWS credentials and permissions.",
+    "model_error": "The model could not answer this request.",
+    "unavailable": "The model service is unavailable; try again shortly.",
+    "timeout": "The model took too long to respond.",
+    "internal": "Something went wrong on the server.",
+}
+
+
+CACHE_POINT = {"cachePoint": {"type": "default"}}
+
+
+def start_slow_answer(
+    ws: ClientConnection, bedrock: FakeBedrock, question: str, session_id: str, tokens: int = 3
+) -> list[dict]:
+    """Ask a question whose answer is 200 tokens, 50 ms apart; return the frames up to the first `tokens` tokens."""
+    bedrock.replies[question] = Reply(tokens=[f" w{i}" for i in range(200)], delay=0.05)
+    ws.send(json.dumps({"question": question, "session_id": session_id}))
+    return [json.loads(ws.recv(timeout=5)) for _ in range(1 + tokens)]
+
+
+def slow_reader(server: Server) -> ClientConnection:
+    """A client whose socket takes little before it stops reading (no kernel autotuning to megabytes)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.connect(("127.0.0.1", server.port))
+    return connect(server.ws_url, sock=sock, max_queue=1, max_size=None, close_timeout=0.1)
+
+
+def until_still(value: Callable[[], Any], seconds: float = 0.3) -> Callable[[], bool]:
+    """A condition that holds once `value()` has not changed for `seconds`."""
+    last: list[Any] = [object(), time.monotonic()]
+
+    def still() -> bool:
+        if (now := value()) != last[0]:
+            last[:] = [now, time.monotonic()]
+        return time.monotonic() - last[1] >= seconds
+
+    return still
+
+
+MESSAGES_BUSY = "An answer is already streaming; wait for it or cancel it."
+
+
+def in_use(session_id: str) -> dict[str, str]:
+    return {"type": "error", "session_id": session_id, "code": "session_in_use", "message": IN_USE}
+
+
+IN_USE = "This session is open on another connection; resume it with its resume_token first."
+
+
+async def cycles(url: str, n: int, frames: int | None = None) -> None:
+    """`n` clients, 50 at a time, each asking one question in a new session, then leaving after `frames` frames
+    (None: after the end)."""
+
+    async def one(i: int) -> None:
+        async with websockets.connect(url) as ws:
+            await ws.send(json.dumps({"question": f"cycle {i}"}))
+            for _ in range(frames or 10**6):
+                if json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] in ("end", "error"):
+                    break
+
+    for start_at in range(0, n, 50):
+        await asyncio.gather(*(one(i) for i in range(start_at, start_at + 50)))
+
+
+def begin(server: Server, bedrock: FakeBedrock, question: str, tokens: int, seen: int, **reply: Any) -> list[dict]:
+    """Ask `question` (answered by `tokens` tokens) in a new session, read its start and `seen` tokens, and drop the
+    connection; return the frames read."""
+    bedrock.replies[question] = Reply(tokens=[f" {question[:4]}{i}" for i in range(tokens)], **reply)
+    with connect(server.ws_url) as ws:
+        ws.send(json.dumps({"question": question}))
+        return [json.loads(ws.recv(timeout=5)) for _ in range(1 + seen)]
+
+
+def resume(ws: ClientConnection, start: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """Send a resume frame for the session `start` opened (with `fields`, e.g. turn_id and after); return the reply."""
+    frame = {"type": "resume", "session_id": start["session_id"], "resume_token": start["resume_token"], **fields}
+    ws.send(json.dumps(frame))
+    return json.loads(ws.recv(timeout=5))
+
+
+def resumed(start: dict[str, Any], question: str | None, history: list[str] = ()) -> dict[str, Any]:
+    """The resumed frame: `history` alternates user and assistant text; `question` is the pending turn's, if any."""
+    turns = [{"role": ("user", "assistant")[i % 2], "text": t} for i, t in enumerate(history)]
+    pending = question and {"turn_id": start["turn_id"], "question": question}
+    return {"type": "resumed", "session_id": start["session_id"], "history": turns, "pending": pending}
+
+
+def whole_answer(start: dict, tokens: list[str], first_seq: int, stop_reason: str = "end_turn", input_tokens: int = 10):
+    """Tokens from `first_seq` on, then the end frame of the whole answer."""
+    end = {"type": "end", "session_id": start["session_id"], "turn_id": start["turn_id"], "full_text": "".join(tokens)}
+    end |= {"stop_reason": stop_reason, "usage": usage(input_tokens, len(tokens)), "history_trimmed": 0}
+    return [*tokens_of(tokens[first_seq - 1 :], first_seq), end]
+
+
+NOT_FOUND = "No such session: it may have expired, or the resume_token is wrong. Start a new session."
+
+
+def drop_at_random(bedrock: FakeBedrock, urls: list[str], name: str) -> None:
+    """20 clients asking and dropping at random moments, each connection to the next of `urls`."""
+    rng, moved = random.Random(10), []
+
+    async def one(i: int) -> tuple[list[str], str]:
+        question, received, connections = f"{name} {i}", [], 0
+        bedrock.replies[question] = Reply(tokens=[f" u{i}.{n}" for n in range(100)], delay=0.005)
+        start, first = None, json.dumps({"question": question})
+        while True:
+            url, connections = urls[connections % len(urls)], connections + 1
+            async with websockets.connect(url, max_queue=None) as ws:  # no backpressure: close at once
+                await ws.send(first)
+                for _ in range(rng.randrange(start is None, 16)):  # the start frame, at least
+                    frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    start = start or frame
+                    if frame["type"] == "token":
+                        assert frame["seq"] == len(received) + 1, (frame, len(received))
+                        received.append(frame["text"])
+                    elif frame["type"] == "end":
+                        return received, frame["full_text"]
+                    elif frame["type"] == "resumed" and frame["pending"] is None:
+                        assert frame["history"][0]["text"] == question
+                        return received, frame["history"][1]["text"]
+                    elif frame["type"] == "error":  # a resume it sent before, handled late elsewhere, took it
+                        assert frame["code"] == "session_in_use" and frame["turn_id"] == start["turn_id"], frame
+                        moved.append(i)
+                        break
+                    else:
+                        assert frame["type"] in ("start", "resumed"), frame
+                if rng.random() < 0.5:
+                    ws.transport.abort()  # no close handshake: the server learns of it from the socket
+            fields = {"turn_id": start["turn_id"], "after": len(received)}
+            first = json.dumps({"type": "resume", **{k: start[k] for k in ("session_id", "resume_token")}, **fields})
+
+    async def all_of_them() -> list[tuple[list[str], str]]:
+        return await asyncio.gather(*(one(i) for i in range(20)))
+
+    for i, (received, full_text) in enumerate(asyncio.run(all_of_them())):
+        tokens = [f" u{i}.{n}" for n in range(100)]
+        assert full_text == "".join(tokens) and tokens[: len(received)] == received
+        assert len(bedrock.calls_for(f"{name} {i}")) == 1
+    print(f"{len(moved)} times a late resume took a session from its client's live connection")
+
+
+def follow(ws: ClientConnection, start: dict[str, Any], after: int) -> list[dict[str, Any]]:
+    """Resume the turn `start` began after `after` tokens: the resumed frame, then the rest of the answer."""
+    frame = resume(ws, start, turn_id=start["turn_id"], after=after)
+    assert frame["type"] == "resumed", frame
+    return read_answer(ws)
+
+
+QUOTED_KEY = "k3y%2Fwith%2Bodd%3Dchars"
+
+
+MIB = 1024  # in KiB, as /proc reports memory
+
+
+def scrape(server: Server, client: Any = httpx) -> dict[str, dict[frozenset, float]]:
+    """GET /metrics, read with prometheus-client's own parser: each sample's value by name, then by its labels."""
+    response = client.get(f"{server.http}/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    samples: dict[str, dict[frozenset, float]] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[frozenset(sample.labels.items())] = sample.value
+    return samples
+
+
+def by(samples: dict[frozenset, float], label: str) -> dict[str, float]:
+    """The samples of one metric by one label's value (the others must be the same for all)."""
+    return {dict(labels)[label]: value for labels, value in samples.items()}
+
+
+def parent_pid(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return None
+
+
+# --- settings: read once at start-up; a bad one stops it with one line, and a .env beside the module is read
+
+
+# A setting that does not parse stops start-up with one line naming the variable and the value.
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("TEMPERATURE", "warm"),
+        ("PORT", "-1"),
+        ("PORT", "70000"),
+        ("METRICS", "maybe"),
+        ("LOG_FORMAT", "yaml"),
+        ("MAX_TOKENS", "lots"),
+        ("STREAM_TIMEOUT", "0"),
+        ("ALLOWED_HOSTS", "chat.*.example"),
+        ("SEND_TIMEOUT", "-1"),
+        ("SESSION_TTL", "-5"),
+        ("PROMPT_CACHE", "maybe"),
+        ("GUARDRAIL_STREAM_MODE", "later"),
+    ],
+)
+def test_bad_setting_stops_startup(key: str, value: str) -> None:
+    result = start_up(**{key: value})
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [result.stderr.strip()] and f"{key}={value!r}" in result.stderr
+
+
+# GUARDRAIL_ID without GUARDRAIL_VERSION (or the other way round) stops start-up with one line.
+@pytest.mark.parametrize("half", [{"GUARDRAIL_ID": "gr-abc123"}, {"GUARDRAIL_VERSION": "2"}], ids=["id", "version"])
+def test_half_a_guardrail_stops_startup(half: dict[str, str]) -> None:
+    result = start_up(**half)
+    assert result.returncode == 1
+    assert result.stderr == "chat_stream: set both GUARDRAIL_ID and GUARDRAIL_VERSION, or neither\n"
+
+
+# A .env beside the module is read; the real environment wins over it.
+def test_dotenv_file(tmp_path: Path, bedrock: FakeBedrock) -> None:
+    (tmp_path / "chat_stream.py").write_text((HERE / "chat_stream.py").read_text())
+    (tmp_path / ".env").write_text("SYSTEM_PROMPT=From the dotenv file.\nTEMPERATURE=0.9\n")
+    env = {"BEDROCK_ENDPOINT_URL": bedrock.url, "TEMPERATURE": "0.2", "SYSTEM_PROMPT": None}  # None: unset
+    with run_server(tmp_path, script=tmp_path / "chat_stream.py", **env) as server:
+        with connect(server.ws_url) as ws:
+            ask(ws, "dotenv check")
+    (call,) = bedrock.calls_for("dotenv check")
+    assert call.body["system"] == [{"text": "From the dotenv file."}]
+    assert call.body["inferenceConfig"] == {"maxTokens": 4096, "temperature": 0.2}
+
+
+# --- the protocol: one question, its frames, the session's memory, /healthz
 
 
 # One question: start, the tokens, end; and Bedrock got the question, system prompt and settings.
@@ -348,248 +754,7 @@ def test_healthz_counts(server: Server, bedrock: FakeBedrock) -> None:
     )
 
 
-# --- bad input: a clear error frame, and the connection keeps working
-
-RESUME_TYPES = "resume_token must be a string, and turn_id a string if given."
-BAD_FRAMES = {
-    "not json": ("{question", "The frame is not valid JSON."),
-    "deeply nested": ("[" * 10_000, "The frame is not valid JSON."),
-    "not an object": ('["hi"]', "The frame must be a JSON object."),
-    "unknown type": ('{"type": "hello"}', 'Unknown frame type; send a question, "cancel", "end_session" or "resume".'),
-    "end_session with no session": (
-        '{"type": "end_session"}',
-        "session_id must be a non-empty string of at most 128 characters.",
-    ),
-    "resume with no session": (
-        '{"type": "resume", "resume_token": "k"}',
-        "session_id must be a non-empty string of at most 128 characters.",
-    ),
-    "resume with no token": ('{"type": "resume", "session_id": "s"}', RESUME_TYPES),
-    "resume token not str": ('{"type": "resume", "session_id": "s", "resume_token": 5}', RESUME_TYPES),
-    "resume turn not str": ('{"type": "resume", "session_id": "s", "resume_token": "k", "turn_id": 1}', RESUME_TYPES),
-    "empty session": (
-        '{"question": "hi", "session_id": ""}',
-        "session_id must be a non-empty string of at most 128 characters.",
-    ),
-    "session not str": (
-        '{"question": "hi", "session_id": 7}',
-        "session_id must be a non-empty string of at most 128 characters.",
-    ),
-    "session too long": (
-        json.dumps({"question": "hi", "session_id": "x" * 129}),
-        "session_id must be a non-empty string of at most 128 characters.",
-    ),
-    "session lone surrogate": ('{"question": "hi", "session_id": "\\ud800"}', "session_id is not valid Unicode text."),
-    "binary": (b'{"question": "hi", "session_id": "s"}', "Binary frames are not supported; send JSON text."),
-}
-
-
-# Malformed frames get invalid_request with no start frame; the same connection then answers normally.
-@pytest.mark.parametrize("frame,message", BAD_FRAMES.values(), ids=BAD_FRAMES.keys())
-def test_bad_frames(ws: ClientConnection, frame: str | bytes, message: str) -> None:
-    ws.send(frame)
-    assert json.loads(ws.recv(timeout=5)) == {"type": "error", "code": "invalid_request", "message": message}
-    assert ask(ws, "still here")[-1]["full_text"] == echo("still here")
-
-
-BAD_QUESTIONS = {
-    "missing": ({"session_id": "q"}, "invalid_request", "question must be a non-empty string."),
-    "not a string": (
-        {"session_id": "q", "question": ["hi"]},
-        "invalid_request",
-        "question must be a non-empty string.",
-    ),
-    "blank": ({"session_id": "q", "question": " \n\t"}, "invalid_request", "question must be a non-empty string."),
-    "lone surrogate": (
-        {"session_id": "q", "question": "\ud800"},
-        "invalid_request",
-        "question is not valid Unicode text.",
-    ),
-    "too long": ({"session_id": "q", "question": "x" * 1001}, "too_large", "question is longer than 1000 characters."),
-    "resume after negative": (
-        {"type": "resume", "session_id": "q", "resume_token": "k", "after": -1},
-        "invalid_request",
-        "after must be a whole number of tokens, 0 or more.",
-    ),
-    "resume after not int": (
-        {"type": "resume", "session_id": "q", "resume_token": "k", "after": True},
-        "invalid_request",
-        "after must be a whole number of tokens, 0 or more.",
-    ),
-}
-
-
-# A bad question in a valid session gets an error naming the session; the session then works and stays valid.
-@pytest.mark.parametrize("request_,code,message", BAD_QUESTIONS.values(), ids=BAD_QUESTIONS.keys())
-def test_bad_questions(ws: ClientConnection, bedrock: FakeBedrock, request_: dict, code: str, message: str) -> None:
-    ws.send(json.dumps(request_))
-    assert json.loads(ws.recv(timeout=5)) == {"type": "error", "session_id": "q", "code": code, "message": message}
-    ask(ws, f"fine now {code}", "q")
-    assert bedrock.calls_for(f"fine now {code}")[0].body["messages"] == text(f"fine now {code}")
-
-
-# A session_id of exactly 128 characters is accepted (129 is refused, above).
-def test_session_id_at_the_limit(ws: ClientConnection) -> None:
-    assert ask(ws, "long id", "i" * 128) == answer_frames("i" * 128, echo_tokens("long id"), 10)
-
-
-# A question of exactly MAX_QUESTION_CHARS is accepted, even in its largest JSON spelling (astral characters
-# escaped as surrogate pairs, 12 bytes each, as json.dumps writes them by default).
-def test_question_at_the_limit(ws: ClientConnection) -> None:
-    assert ask(ws, "y" * 1000)[-1]["full_text"] == "Echo: " + "y" * 1000
-    ws.send(json.dumps({"question": "\U0001f600" * 1000, "session_id": "\U0001f600" * 128}))
-    assert read_answer(ws)[-1]["full_text"] == "Echo: " + "\U0001f600" * 1000
-
-
-# A frame over the hard cap is refused with close code 1009; other connections and the server are unharmed.
-def test_oversized_frame_closes_only_that_connection(server: Server) -> None:
-    with connect(server.ws_url) as other, connect(server.ws_url, max_size=None) as big:
-        big.send(json.dumps({"question": "z" * 20_000, "session_id": "big"}))
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            big.recv(timeout=5)
-        assert closed.value.rcvd.code == 1009
-        assert ask(other, "unharmed")[-1]["full_text"] == echo("unharmed")
-
-
-# --- Bedrock's errors, before the stream (HTTP) and inside it (exception events), each to its code
-
-ERRORS = {
-    "http 403": (Reply(http_error=(403, "AccessDeniedException")), [], "access_denied"),
-    "http 429": (Reply(http_error=(429, "ThrottlingException")), [], "throttled"),
-    "http 400": (Reply(http_error=(400, "ValidationException")), [], "model_error"),
-    "http 404": (Reply(http_error=(404, "ResourceNotFoundException")), [], "model_error"),
-    "http 500": (Reply(http_error=(500, "InternalServerException")), [], "unavailable"),
-    "http 503": (Reply(http_error=(503, "ServiceUnavailableException")), [], "unavailable"),
-    "stream throttling": (Reply(tokens=["a", "b"], exception="throttlingException"), ["a", "b"], "throttled"),
-    "stream model error": (Reply(tokens=["a"], exception="modelStreamErrorException"), ["a"], "model_error"),
-    "stream validation": (Reply(tokens=["a"], exception="validationException"), ["a"], "model_error"),
-    "stream internal": (Reply(tokens=["a"], exception="internalServerException"), ["a"], "unavailable"),
-    "stream unavailable": (Reply(tokens=["a"], exception="serviceUnavailableException"), ["a"], "unavailable"),
-    "connection cut": (Reply(tokens=["a", "b"], cut=True), ["a", "b"], "unavailable"),
-    "silence": (Reply(tokens=["a"], hang=True), ["a"], "timeout"),
-    "corrupt event": (Reply(tokens=["a"], corrupt=True), ["a"], "internal"),
-    "no messageStop": (Reply(tokens=["a", "b"], no_stop=True), ["a", "b"], "unavailable"),
-}
-MESSAGES = {
-    "throttled": "The model is receiving too many requests; try again shortly.",
-    "access_denied": "The server is not allowed to use the model; check its AWS credentials and permissions.",
-    "model_error": "The model could not answer this request.",
-    "unavailable": "The model service is unavailable; try again shortly.",
-    "timeout": "The model took too long to respond.",
-    "internal": "Something went wrong on the server.",
-}
-
-
-# Tokens already sent stay sent, then one error frame with the mapped code and a fixed message (no ARN, no
-# exception text); the failed turn is not recorded, so the session's next question carries a valid history.
-@pytest.mark.parametrize("reply,tokens,code", ERRORS.values(), ids=ERRORS.keys())
-def test_bedrock_errors_map_to_codes(
-    ws: ClientConnection, bedrock: FakeBedrock, reply: Reply, tokens: list[str], code: str
-) -> None:
-    session, question = f"err-{code}", f"fail {id(reply)}"
-    ask(ws, "before", session)
-    bedrock.replies[question] = reply
-    frames = ask(ws, question, session)
-    error = {"type": "error", "session_id": session, "turn_id": ANY, "code": code, "message": MESSAGES[code]}
-    assert frames == [start(session), *tokens_of(tokens), error]
-    ask(ws, "after", session)
-    assert bedrock.calls_for("after")[-1].body["messages"] == text("before", echo("before"), "after")
-
-
-# Throttling is retried by boto3 (AWS_MAX_ATTEMPTS=2 here) before the client hears of it.
-def test_throttling_is_retried_first(ws: ClientConnection, bedrock: FakeBedrock) -> None:
-    bedrock.replies["retry me"] = Reply(http_error=(429, "ThrottlingException"))
-    assert ask(ws, "retry me")[-1]["code"] == "throttled"
-    assert len(bedrock.calls_for("retry me")) == 2
-
-
-# A silent stream is closed upstream when STREAM_TIMEOUT passes; an internal error is logged with its traceback.
-def test_timeout_closes_upstream_and_internal_errors_are_logged(
-    ws: ClientConnection, server: Server, bedrock: FakeBedrock
-) -> None:
-    bedrock.replies["hang here"] = Reply(tokens=["a"], hang=True)
-    assert ask(ws, "hang here")[-1]["code"] == "timeout"
-    wait_for(lambda: bedrock.calls_for("hang here")[0].client_closed_at, 1, "the upstream stream to close")
-    bedrock.replies["break here"] = Reply(tokens=["a"], corrupt=True)
-    assert ask(ws, "break here")[-1]["code"] == "internal"
-    wait_for(lambda: "Traceback" in server.log(), 5, "the traceback in the log")
-    assert "ChecksumMismatch" in server.log()
-
-
-# Bedrock silent before its response headers: "timeout" after STREAM_TIMEOUT (1.5 s here), from one upstream
-# request; botocore retries timeouts by default (AWS_MAX_ATTEMPTS=2 here), which stretched the wait and the bill.
-def test_silence_before_the_response_is_one_timeout(ws: ClientConnection, bedrock: FakeBedrock) -> None:
-    bedrock.replies["anyone home"] = Reply(silent=True)
-    asked_at = time.monotonic()
-    assert ask(ws, "anyone home")[-1] == {
-        "type": "error",
-        "session_id": "s1",
-        "turn_id": ANY,
-        "code": "timeout",
-        "message": MESSAGES["timeout"],
-    }
-    assert time.monotonic() - asked_at < 2.5
-    (call,) = bedrock.calls_for("anyone home")
-    wait_for(lambda: call.client_closed_at, 1, "the upstream request to be dropped")
-
-
-# A Bedrock content delta of a kind langchain-aws does not know yet is skipped: the answer ends normally.
-def test_unknown_content_is_skipped(ws: ClientConnection, bedrock: FakeBedrock) -> None:
-    bedrock.replies["something new"] = Reply(tokens=["old", " news"], unknown_delta=True)
-    assert ask(ws, "something new") == answer_frames("s1", ["old", " news"], 10)
-
-
-# An expired AWS SSO login (or any credential provider failing) is "access_denied", not "try again shortly".
-def test_expired_sso_login(tmp_path: Path, bedrock: FakeBedrock) -> None:
-    start_url = "https://example.awsapps.com/start"
-    (tmp_path / "config").write_text(
-        f"[profile sso]\nsso_start_url = {start_url}\nsso_region = us-east-1\n"
-        "sso_account_id = 123456789012\nsso_role_name = Chat\nregion = us-east-1\n"
-    )
-    cache = tmp_path / ".aws" / "sso" / "cache"
-    cache.mkdir(parents=True)
-    token = {"startUrl": start_url, "region": "us-east-1", "accessToken": "old", "expiresAt": "2020-01-01T00:00:00Z"}
-    (cache / f"{hashlib.sha1(start_url.encode()).hexdigest()}.json").write_text(json.dumps(token))
-    settings = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "HOME": str(tmp_path)}
-    settings |= {"AWS_CONFIG_FILE": str(tmp_path / "config"), "AWS_PROFILE": "sso"}
-    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
-        with connect(server.ws_url) as ws:
-            assert ask(ws, "am I logged in")[-1]["code"] == "access_denied"
-    assert not bedrock.calls_for("am I logged in")
-
-
-# When Bedrock cannot be reached at all, the client gets "unavailable".
-def test_unreachable_bedrock(tmp_path: Path) -> None:
-    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}") as server:
-        with connect(server.ws_url) as ws:
-            assert ask(ws, "anyone there")[-1] == {
-                "type": "error",
-                "session_id": "s1",
-                "turn_id": ANY,
-                "code": "unavailable",
-                "message": MESSAGES["unavailable"],
-            }
-
-
-# With no AWS credentials anywhere, the server still starts, and questions get "access_denied".
-def test_no_credentials(tmp_path: Path, bedrock: FakeBedrock) -> None:
-    no_credentials = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "HOME": str(tmp_path)}
-    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **no_credentials) as server:
-        with connect(server.ws_url) as ws:
-            assert ask(ws, "who am I") == [
-                start("s1"),
-                {
-                    "type": "error",
-                    "session_id": "s1",
-                    "turn_id": ANY,
-                    "code": "access_denied",
-                    "message": MESSAGES["access_denied"],
-                },
-            ]
-    assert not bedrock.calls_for("who am I")
-
-
-# --- both model families, the offline model, settings
+# --- the models: both Bedrock families through BedrockChat, and the offline model
 
 
 # An Anthropic Claude id streams end to end too, through the Converse API.
@@ -607,9 +772,6 @@ def test_claude_model(tmp_path: Path, bedrock: FakeBedrock) -> None:
         "system": [],
         "inferenceConfig": {"maxTokens": 4096, "temperature": 0.3},  # the defaults
     }
-
-
-CACHE_POINT = {"cachePoint": {"type": "default"}}
 
 
 # A model langchain-aws has not verified as streaming-capable still streams, through ConverseStream.
@@ -746,65 +908,170 @@ def test_offline_model_end_turn(tmp_path: Path) -> None:
     }
 
 
-# A setting that does not parse stops start-up with one line naming the variable and the value.
-@pytest.mark.parametrize(
-    "key,value",
-    [
-        ("TEMPERATURE", "warm"),
-        ("PORT", "-1"),
-        ("PORT", "70000"),
-        ("METRICS", "maybe"),
-        ("LOG_FORMAT", "yaml"),
-        ("MAX_TOKENS", "lots"),
-        ("STREAM_TIMEOUT", "0"),
-        ("ALLOWED_HOSTS", "chat.*.example"),
-        ("SEND_TIMEOUT", "-1"),
-        ("SESSION_TTL", "-5"),
-        ("PROMPT_CACHE", "maybe"),
-        ("GUARDRAIL_STREAM_MODE", "later"),
-    ],
-)
-def test_bad_setting_stops_startup(key: str, value: str) -> None:
-    result = start_up(**{key: value})
-    assert result.returncode == 1
-    assert result.stderr.splitlines() == [result.stderr.strip()] and f"{key}={value!r}" in result.stderr
-
-
-# A bad REDIS_URL stops start-up too, with one line that does not show it (it may hold a password).
-@pytest.mark.parametrize("url", ["http://:hunter2@redis:6379/0", "redis://:hunter2@redis:6379/0?db=first"])
-def test_bad_redis_url_stops_startup(url: str) -> None:
-    result = start_up(REDIS_URL=url)
-    assert result.returncode == 1 and result.stderr.splitlines() == [
-        "chat_stream: bad setting REDIS_URL(not shown: it may hold a password): expected a redis:// or rediss:// URL"
-    ]
-
-
-# A .env beside the module is read; the real environment wins over it.
-def test_dotenv_file(tmp_path: Path, bedrock: FakeBedrock) -> None:
-    (tmp_path / "chat_stream.py").write_text((HERE / "chat_stream.py").read_text())
-    (tmp_path / ".env").write_text("SYSTEM_PROMPT=From the dotenv file.\nTEMPERATURE=0.9\n")
-    env = {"BEDROCK_ENDPOINT_URL": bedrock.url, "TEMPERATURE": "0.2", "SYSTEM_PROMPT": None}  # None: unset
-    with run_server(tmp_path, script=tmp_path / "chat_stream.py", **env) as server:
+# The offline model answers any question within the limits in milliseconds (the old regex took 6 s of CPU).
+def test_offline_model_is_linear(tmp_path: Path) -> None:
+    with run_server(tmp_path, BEDROCK_MODEL_ID="offline", MAX_TOKENS="20") as server:
         with connect(server.ws_url) as ws:
-            ask(ws, "dotenv check")
-    (call,) = bedrock.calls_for("dotenv check")
-    assert call.body["system"] == [{"text": "From the dotenv file."}]
-    assert call.body["inferenceConfig"] == {"maxTokens": 4096, "temperature": 0.2}
+            ask(ws, "warm up")
+            cpu = server.cpu_seconds()
+            assert ask(ws, "x" + " " * 31_999)[-1]["type"] == "end"
+            assert server.cpu_seconds() - cpu < 0.5
+
+
+# --- Bedrock's errors, before the stream (HTTP) and inside it (exception events), each to its code
+
+
+# Tokens already sent stay sent, then one error frame with the mapped code and a fixed message (no ARN, no
+# exception text); the failed turn is not recorded, so the session's next question carries a valid history.
+@pytest.mark.parametrize("reply,tokens,code", ERRORS.values(), ids=ERRORS.keys())
+def test_bedrock_errors_map_to_codes(
+    ws: ClientConnection, bedrock: FakeBedrock, reply: Reply, tokens: list[str], code: str
+) -> None:
+    session, question = f"err-{code}", f"fail {id(reply)}"
+    ask(ws, "before", session)
+    bedrock.replies[question] = reply
+    frames = ask(ws, question, session)
+    error = {"type": "error", "session_id": session, "turn_id": ANY, "code": code, "message": MESSAGES[code]}
+    assert frames == [start(session), *tokens_of(tokens), error]
+    ask(ws, "after", session)
+    assert bedrock.calls_for("after")[-1].body["messages"] == text("before", echo("before"), "after")
+
+
+# Throttling is retried by boto3 (AWS_MAX_ATTEMPTS=2 here) before the client hears of it.
+def test_throttling_is_retried_first(ws: ClientConnection, bedrock: FakeBedrock) -> None:
+    bedrock.replies["retry me"] = Reply(http_error=(429, "ThrottlingException"))
+    assert ask(ws, "retry me")[-1]["code"] == "throttled"
+    assert len(bedrock.calls_for("retry me")) == 2
+
+
+# A silent stream is closed upstream when STREAM_TIMEOUT passes; an internal error is logged with its traceback.
+def test_timeout_closes_upstream_and_internal_errors_are_logged(
+    ws: ClientConnection, server: Server, bedrock: FakeBedrock
+) -> None:
+    bedrock.replies["hang here"] = Reply(tokens=["a"], hang=True)
+    assert ask(ws, "hang here")[-1]["code"] == "timeout"
+    wait_for(lambda: bedrock.calls_for("hang here")[0].client_closed_at, 1, "the upstream stream to close")
+    bedrock.replies["break here"] = Reply(tokens=["a"], corrupt=True)
+    assert ask(ws, "break here")[-1]["code"] == "internal"
+    wait_for(lambda: "Traceback" in server.log(), 5, "the traceback in the log")
+    assert "ChecksumMismatch" in server.log()
+
+
+# Bedrock silent before its response headers: "timeout" after STREAM_TIMEOUT (1.5 s here), from one upstream
+# request; botocore retries timeouts by default (AWS_MAX_ATTEMPTS=2 here), which stretched the wait and the bill.
+def test_silence_before_the_response_is_one_timeout(ws: ClientConnection, bedrock: FakeBedrock) -> None:
+    bedrock.replies["anyone home"] = Reply(silent=True)
+    asked_at = time.monotonic()
+    assert ask(ws, "anyone home")[-1] == {
+        "type": "error",
+        "session_id": "s1",
+        "turn_id": ANY,
+        "code": "timeout",
+        "message": MESSAGES["timeout"],
+    }
+    assert time.monotonic() - asked_at < 2.5
+    (call,) = bedrock.calls_for("anyone home")
+    wait_for(lambda: call.client_closed_at, 1, "the upstream request to be dropped")
+
+
+# A Bedrock content delta of a kind langchain-aws does not know yet is skipped: the answer ends normally.
+def test_unknown_content_is_skipped(ws: ClientConnection, bedrock: FakeBedrock) -> None:
+    bedrock.replies["something new"] = Reply(tokens=["old", " news"], unknown_delta=True)
+    assert ask(ws, "something new") == answer_frames("s1", ["old", " news"], 10)
+
+
+# An expired AWS SSO login (or any credential provider failing) is "access_denied", not "try again shortly".
+def test_expired_sso_login(tmp_path: Path, bedrock: FakeBedrock) -> None:
+    start_url = "https://example.awsapps.com/start"
+    (tmp_path / "config").write_text(
+        f"[profile sso]\nsso_start_url = {start_url}\nsso_region = us-east-1\n"
+        "sso_account_id = 123456789012\nsso_role_name = Chat\nregion = us-east-1\n"
+    )
+    cache = tmp_path / ".aws" / "sso" / "cache"
+    cache.mkdir(parents=True)
+    token = {"startUrl": start_url, "region": "us-east-1", "accessToken": "old", "expiresAt": "2020-01-01T00:00:00Z"}
+    (cache / f"{hashlib.sha1(start_url.encode()).hexdigest()}.json").write_text(json.dumps(token))
+    settings = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "HOME": str(tmp_path)}
+    settings |= {"AWS_CONFIG_FILE": str(tmp_path / "config"), "AWS_PROFILE": "sso"}
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
+        with connect(server.ws_url) as ws:
+            assert ask(ws, "am I logged in")[-1]["code"] == "access_denied"
+    assert not bedrock.calls_for("am I logged in")
+
+
+# When Bedrock cannot be reached at all, the client gets "unavailable".
+def test_unreachable_bedrock(tmp_path: Path) -> None:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}") as server:
+        with connect(server.ws_url) as ws:
+            assert ask(ws, "anyone there")[-1] == {
+                "type": "error",
+                "session_id": "s1",
+                "turn_id": ANY,
+                "code": "unavailable",
+                "message": MESSAGES["unavailable"],
+            }
+
+
+# With no AWS credentials anywhere, the server still starts, and questions get "access_denied".
+def test_no_credentials(tmp_path: Path, bedrock: FakeBedrock) -> None:
+    no_credentials = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "HOME": str(tmp_path)}
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **no_credentials) as server:
+        with connect(server.ws_url) as ws:
+            assert ask(ws, "who am I") == [
+                start("s1"),
+                {
+                    "type": "error",
+                    "session_id": "s1",
+                    "turn_id": ANY,
+                    "code": "access_denied",
+                    "message": MESSAGES["access_denied"],
+                },
+            ]
+    assert not bedrock.calls_for("who am I")
+
+
+# --- the meter: one log line per answer, with its outcome, never its text
+
+
+# One INFO line per answer with timings, token counts and outcome; never the question or answer text.
+def test_one_log_line_per_answer(ws: ClientConnection, server: Server) -> None:
+    ask(ws, "confidential question text", "logged")
+    wait_for(lambda: "session='logged'" in server.log(), 5, "the answer's log line")
+    (line,) = [line for line in server.log().splitlines() if "session='logged'" in line]
+    assert re.search(
+        r"INFO: +answer session='logged' turn=[\w-]{16} model=amazon.nova-micro-v1:0 ttft_ms=\d+ duration_ms=\d+ "
+        r"tokens_in=10 tokens_out=4 outcome=end$",
+        line,
+    ), line
+    assert "confidential" not in server.log()
+
+
+# The log line tells a cancel from a client that left, and counts the tokens sent when Bedrock's usage never came.
+def test_log_outcomes(server: Server, bedrock: FakeBedrock) -> None:
+    with connect(server.ws_url) as ws:
+        frames = start_slow_answer(ws, bedrock, "to be cancelled", "log-cancel")
+        ws.send(json.dumps({"type": "cancel"}))
+        sent = sum(frame["type"] == "token" for frame in frames + read_answer(ws))
+        bedrock.replies["fails midway"] = Reply(tokens=["a", "b"], exception="throttlingException")
+        ask(ws, "fails midway", "log-error")
+        start_slow_answer(ws, bedrock, "left behind", "log-left")
+    lines = lambda: [line for line in server.log().splitlines() if "answer session='log-" in line]  # noqa: E731
+    wait_for(lambda: len(lines()) == 3, 5, "three answer lines")
+    assert [re.search(r"session='(\S+)'.* tokens_out=(\d+) outcome=(\w+)$", line).groups() for line in lines()] == [
+        ("log-cancel", str(sent), "cancelled"),
+        ("log-error", "2", "throttled"),
+        ("log-left", re.search(r"tokens_out=(\d+) outcome=disconnected", lines()[2]).group(1), "disconnected"),
+    ]
 
 
 # --- long conversations: the context budget, context overflows, prompt caching, guardrails
 
 
-@pytest.fixture
-def small_model() -> Iterator[FakeBedrock]:
-    """A Bedrock whose model refuses requests over 800 estimated tokens, as real models refuse a context overflow."""
-    fake = FakeBedrock(Reply(first_delay=0.05), context_limit=800)  # 20 questions a second at most: the frame budget
-    yield fake
-    fake.close()
-
-
 def long_question(i: int, chars: int = 400) -> str:
     return f"{i:<3}" + "x" * (chars - 3)  # 100 estimated tokens; its echo, 102
+
+
+CACHE_MODELS = {"nova": (NOVA, 3), "claude": (CLAUDE, 3), "not cacheable": (UNVERIFIED, 0), "off": (NOVA, 0)}
 
 
 # 60 turns of long questions and answers against a model with a small context: every answer ends normally, and
@@ -866,9 +1133,6 @@ def test_question_too_long_for_the_model(small_model: FakeBedrock, tmp_path: Pat
         assert ask(ws, "still fine", "big")[-1]["full_text"] == echo("still fine")
     assert len(small_model.calls_for("y" * 4000)) == 2 and len(small_model.calls_for("z" * 4000)) == 1
     assert small_model.calls_for("still fine")[0].body["messages"] == text("still fine")
-
-
-CACHE_MODELS = {"nova": (NOVA, 3), "claude": (CLAUDE, 3), "not cacheable": (UNVERIFIED, 0), "off": (NOVA, 0)}
 
 
 # PROMPT_CACHE=auto puts cache points after the system prompt and after the last two answers, for models that take
@@ -935,47 +1199,100 @@ def test_guardrail(bedrock: FakeBedrock, tmp_path: Path, mode: str) -> None:
     assert bedrock.calls_for(f"and now {mode}")[0].body["messages"][1] == text("x", "".join(blocked))[1]
 
 
-# GUARDRAIL_ID without GUARDRAIL_VERSION (or the other way round) stops start-up with one line.
-@pytest.mark.parametrize("half", [{"GUARDRAIL_ID": "gr-abc123"}, {"GUARDRAIL_VERSION": "2"}], ids=["id", "version"])
-def test_half_a_guardrail_stops_startup(half: dict[str, str]) -> None:
-    result = start_up(**half)
-    assert result.returncode == 1
-    assert result.stderr == "chat_stream: set both GUARDRAIL_ID and GUARDRAIL_VERSION, or neither\n"
+# --- bad input: a clear error frame, and the connection keeps working
 
 
-# --- many clients at once
+BAD_FRAMES = {
+    "not json": ("{question", "The frame is not valid JSON."),
+    "deeply nested": ("[" * 10_000, "The frame is not valid JSON."),
+    "not an object": ('["hi"]', "The frame must be a JSON object."),
+    "unknown type": ('{"type": "hello"}', 'Unknown frame type; send a question, "cancel", "end_session" or "resume".'),
+    "end_session with no session": (
+        '{"type": "end_session"}',
+        "session_id must be a non-empty string of at most 128 characters.",
+    ),
+    "resume with no session": (
+        '{"type": "resume", "resume_token": "k"}',
+        "session_id must be a non-empty string of at most 128 characters.",
+    ),
+    "resume with no token": ('{"type": "resume", "session_id": "s"}', RESUME_TYPES),
+    "resume token not str": ('{"type": "resume", "session_id": "s", "resume_token": 5}', RESUME_TYPES),
+    "resume turn not str": ('{"type": "resume", "session_id": "s", "resume_token": "k", "turn_id": 1}', RESUME_TYPES),
+    "empty session": (
+        '{"question": "hi", "session_id": ""}',
+        "session_id must be a non-empty string of at most 128 characters.",
+    ),
+    "session not str": (
+        '{"question": "hi", "session_id": 7}',
+        "session_id must be a non-empty string of at most 128 characters.",
+    ),
+    "session too long": (
+        json.dumps({"question": "hi", "session_id": "x" * 129}),
+        "session_id must be a non-empty string of at most 128 characters.",
+    ),
+    "session lone surrogate": ('{"question": "hi", "session_id": "\\ud800"}', "session_id is not valid Unicode text."),
+    "binary": (b'{"question": "hi", "session_id": "s"}', "Binary frames are not supported; send JSON text."),
+}
 
 
-# 60 concurrent clients each receive exactly their own answer, interleaved in time.
-def test_sixty_concurrent_clients(server: Server, bedrock: FakeBedrock) -> None:
-    async def client(i: int) -> list[dict]:
-        question = f"client {i} asks about {i * 7}"
-        bedrock.replies[question] = Reply(tokens=echo_tokens(question) * 3, delay=0.01)
-        async with websockets.connect(server.ws_url) as ws:
-            await ws.send(json.dumps({"question": question, "session_id": f"c{i}"}))
-            frames = []
-            while not frames or frames[-1]["type"] not in ("end", "error"):
-                frames.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
-            return frames
+BAD_QUESTIONS = {
+    "missing": ({"session_id": "q"}, "invalid_request", "question must be a non-empty string."),
+    "not a string": (
+        {"session_id": "q", "question": ["hi"]},
+        "invalid_request",
+        "question must be a non-empty string.",
+    ),
+    "blank": ({"session_id": "q", "question": " \n\t"}, "invalid_request", "question must be a non-empty string."),
+    "lone surrogate": (
+        {"session_id": "q", "question": "\ud800"},
+        "invalid_request",
+        "question is not valid Unicode text.",
+    ),
+    "too long": ({"session_id": "q", "question": "x" * 1001}, "too_large", "question is longer than 1000 characters."),
+    "resume after negative": (
+        {"type": "resume", "session_id": "q", "resume_token": "k", "after": -1},
+        "invalid_request",
+        "after must be a whole number of tokens, 0 or more.",
+    ),
+    "resume after not int": (
+        {"type": "resume", "session_id": "q", "resume_token": "k", "after": True},
+        "invalid_request",
+        "after must be a whole number of tokens, 0 or more.",
+    ),
+}
 
-    async def main() -> list[list[dict]]:
-        return await asyncio.gather(*(client(i) for i in range(60)))
 
-    for i, frames in enumerate(asyncio.run(main())):
-        question = f"client {i} asks about {i * 7}"
-        assert frames == answer_frames(f"c{i}", echo_tokens(question) * 3, 10)
+# Malformed frames get invalid_request with no start frame; the same connection then answers normally.
+@pytest.mark.parametrize("frame,message", BAD_FRAMES.values(), ids=BAD_FRAMES.keys())
+def test_bad_frames(ws: ClientConnection, frame: str | bytes, message: str) -> None:
+    ws.send(frame)
+    assert json.loads(ws.recv(timeout=5)) == {"type": "error", "code": "invalid_request", "message": message}
+    assert ask(ws, "still here")[-1]["full_text"] == echo("still here")
+
+
+# A bad question in a valid session gets an error naming the session; the session then works and stays valid.
+@pytest.mark.parametrize("request_,code,message", BAD_QUESTIONS.values(), ids=BAD_QUESTIONS.keys())
+def test_bad_questions(ws: ClientConnection, bedrock: FakeBedrock, request_: dict, code: str, message: str) -> None:
+    ws.send(json.dumps(request_))
+    assert json.loads(ws.recv(timeout=5)) == {"type": "error", "session_id": "q", "code": code, "message": message}
+    ask(ws, f"fine now {code}", "q")
+    assert bedrock.calls_for(f"fine now {code}")[0].body["messages"] == text(f"fine now {code}")
+
+
+# A session_id of exactly 128 characters is accepted (129 is refused, above).
+def test_session_id_at_the_limit(ws: ClientConnection) -> None:
+    assert ask(ws, "long id", "i" * 128) == answer_frames("i" * 128, echo_tokens("long id"), 10)
+
+
+# A question of exactly MAX_QUESTION_CHARS is accepted, even in its largest JSON spelling (astral characters
+# escaped as surrogate pairs, 12 bytes each, as json.dumps writes them by default).
+def test_question_at_the_limit(ws: ClientConnection) -> None:
+    assert ask(ws, "y" * 1000)[-1]["full_text"] == "Echo: " + "y" * 1000
+    ws.send(json.dumps({"question": "\U0001f600" * 1000, "session_id": "\U0001f600" * 128}))
+    assert read_answer(ws)[-1]["full_text"] == "Echo: " + "\U0001f600" * 1000
 
 
 # --- a live connection under control: cancel, disconnects, busy, limits
-
-
-def start_slow_answer(
-    ws: ClientConnection, bedrock: FakeBedrock, question: str, session_id: str, tokens: int = 3
-) -> list[dict]:
-    """Ask a question whose answer is 200 tokens, 50 ms apart; return the frames up to the first `tokens` tokens."""
-    bedrock.replies[question] = Reply(tokens=[f" w{i}" for i in range(200)], delay=0.05)
-    ws.send(json.dumps({"question": question, "session_id": session_id}))
-    return [json.loads(ws.recv(timeout=5)) for _ in range(1 + tokens)]
 
 
 # Cancel: the answer ends with what was sent and stop_reason "cancelled", Bedrock's stream is closed within
@@ -1017,26 +1334,6 @@ def test_cancel_before_first_token(ws: ClientConnection, bedrock: FakeBedrock) -
     ]  # fmt: skip
     ask(ws, "start over", "early-cancel")
     assert bedrock.calls_for("start over")[0].body["messages"] == text("start over")
-
-
-def slow_reader(server: Server) -> ClientConnection:
-    """A client whose socket takes little before it stops reading (no kernel autotuning to megabytes)."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    sock.connect(("127.0.0.1", server.port))
-    return connect(server.ws_url, sock=sock, max_queue=1, max_size=None, close_timeout=0.1)
-
-
-def until_still(value: Callable[[], Any], seconds: float = 0.3) -> Callable[[], bool]:
-    """A condition that holds once `value()` has not changed for `seconds`."""
-    last: list[Any] = [object(), time.monotonic()]
-
-    def still() -> bool:
-        if (now := value()) != last[0]:
-            last[:] = [now, time.monotonic()]
-        return time.monotonic() - last[1] >= seconds
-
-    return still
 
 
 # A client that reads slowly holds Bedrock's stream back (the server reads at most 64 tokens ahead of it); a cancel
@@ -1142,9 +1439,6 @@ def test_busy_connection(ws: ClientConnection, bedrock: FakeBedrock) -> None:
     assert not bedrock.calls_for("me too")
 
 
-MESSAGES_BUSY = "An answer is already streaming; wait for it or cancel it."
-
-
 # MAX_CONCURRENT_STREAMS caps streams across connections: one over it gets "busy" at once, not a queue.
 def test_max_concurrent_streams(tmp_path: Path, bedrock: FakeBedrock) -> None:
     with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, MAX_CONCURRENT_STREAMS=2) as server:
@@ -1163,13 +1457,6 @@ def test_max_concurrent_streams(tmp_path: Path, bedrock: FakeBedrock) -> None:
             a.send(json.dumps({"type": "cancel"}))
             read_answer(a)
             assert ask(c, "cap c", "c")[-1]["stop_reason"] == "end_turn"
-
-
-def in_use(session_id: str) -> dict[str, str]:
-    return {"type": "error", "session_id": session_id, "code": "session_in_use", "message": IN_USE}
-
-
-IN_USE = "This session is open on another connection; resume it with its resume_token first."
 
 
 # A session live on another connection cannot be read or extended from here.
@@ -1205,19 +1492,24 @@ def test_sessions_per_connection_are_capped(server: Server, bedrock: FakeBedrock
     assert bedrock.calls_for("fresh start")[0].body["messages"] == text("fresh start")
 
 
-async def cycles(url: str, n: int, frames: int | None = None) -> None:
-    """`n` clients, 50 at a time, each asking one question in a new session, then leaving after `frames` frames
-    (None: after the end)."""
+# 60 concurrent clients each receive exactly their own answer, interleaved in time.
+def test_sixty_concurrent_clients(server: Server, bedrock: FakeBedrock) -> None:
+    async def client(i: int) -> list[dict]:
+        question = f"client {i} asks about {i * 7}"
+        bedrock.replies[question] = Reply(tokens=echo_tokens(question) * 3, delay=0.01)
+        async with websockets.connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"question": question, "session_id": f"c{i}"}))
+            frames = []
+            while not frames or frames[-1]["type"] not in ("end", "error"):
+                frames.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+            return frames
 
-    async def one(i: int) -> None:
-        async with websockets.connect(url) as ws:
-            await ws.send(json.dumps({"question": f"cycle {i}"}))
-            for _ in range(frames or 10**6):
-                if json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] in ("end", "error"):
-                    break
+    async def main() -> list[list[dict]]:
+        return await asyncio.gather(*(client(i) for i in range(60)))
 
-    for start_at in range(0, n, 50):
-        await asyncio.gather(*(one(i) for i in range(start_at, start_at + 50)))
+    for i, frames in enumerate(asyncio.run(main())):
+        question = f"client {i} asks about {i * 7}"
+        assert frames == answer_frames(f"c{i}", echo_tokens(question) * 3, 10)
 
 
 # Thousands of connect/ask/close cycles leave no connections, sessions or streams, and memory stays flat.
@@ -1230,101 +1522,8 @@ def test_memory_stays_flat(server: Server) -> None:
     assert server.memory_kib() - before < 8 * 1024, f"RSS grew from {before} KiB to {server.memory_kib()} KiB"
 
 
-# --- resuming: a session outlives its connection (SESSION_TTL) and its answer streams on for a resume (RESUME_GRACE)
-
-
-@pytest.fixture(scope="module")
-def resumable_memory(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10}
-    with run_server(tmp_path_factory.mktemp("resumable"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def resumable_redis(bedrock: FakeBedrock, store: RedisServer, tmp_path_factory: pytest.TempPathFactory):
-    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, "REDIS_URL": store.url}
-    with run_server(tmp_path_factory.mktemp("resumable"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def short_lived_memory(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    settings = {**DEFAULTS, "SESSION_TTL": 3, "RESUME_GRACE": 1, "MAX_HISTORY_MESSAGES": 10}
-    with run_server(tmp_path_factory.mktemp("short"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def short_lived_redis(bedrock: FakeBedrock, store: RedisServer, tmp_path_factory: pytest.TempPathFactory):
-    settings = {**DEFAULTS, "SESSION_TTL": 3, "RESUME_GRACE": 1, "MAX_HISTORY_MESSAGES": 10, "REDIS_URL": store.url}
-    with run_server(tmp_path_factory.mktemp("short"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def resumable_reference(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp_path = tmp_path_factory.mktemp("reference")
-    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10}
-    with run_server(tmp_path, cut_reference(tmp_path), app="chat_reference:app", BEDROCK_ENDPOINT_URL=bedrock.url,
-                    **settings) as s:  # fmt: skip
-        yield s
-
-
-# The resume rules hold alike with the in-process store and with Redis (one process here; two further on), and in
-# the reference cut out alone (see "the reference alone"). Each test starts with no recorded Bedrock calls: it runs
-# three times, with the same questions.
-@pytest.fixture(params=["memory", "redis", "reference"])
-def resumable(request: pytest.FixtureRequest, bedrock: FakeBedrock) -> Server:
-    bedrock.calls.clear()
-    return request.getfixturevalue(f"resumable_{request.param}")
-
-
-@pytest.fixture(params=["memory", "redis"])
-def resumable_layered(request: pytest.FixtureRequest, bedrock: FakeBedrock) -> Server:
-    """A resumable server with the layers: the page, /metrics, and the server layer's uvicorn, which sends frames
-    uncompressed (plain uvicorn deflates them: the slow-reader tests' 100 kB tokens of one letter would shrink to
-    bytes and never fill a window)."""
-    bedrock.calls.clear()
-    return request.getfixturevalue(f"resumable_{request.param}")
-
-
-@pytest.fixture(params=["memory", "redis"])
-def short_lived(request: pytest.FixtureRequest, bedrock: FakeBedrock) -> Server:
-    bedrock.calls.clear()
-    return request.getfixturevalue(f"short_lived_{request.param}")
-
-
-def begin(server: Server, bedrock: FakeBedrock, question: str, tokens: int, seen: int, **reply: Any) -> list[dict]:
-    """Ask `question` (answered by `tokens` tokens) in a new session, read its start and `seen` tokens, and drop the
-    connection; return the frames read."""
-    bedrock.replies[question] = Reply(tokens=[f" {question[:4]}{i}" for i in range(tokens)], **reply)
-    with connect(server.ws_url) as ws:
-        ws.send(json.dumps({"question": question}))
-        return [json.loads(ws.recv(timeout=5)) for _ in range(1 + seen)]
-
-
-def resume(ws: ClientConnection, start: dict[str, Any], **fields: Any) -> dict[str, Any]:
-    """Send a resume frame for the session `start` opened (with `fields`, e.g. turn_id and after); return the reply."""
-    frame = {"type": "resume", "session_id": start["session_id"], "resume_token": start["resume_token"], **fields}
-    ws.send(json.dumps(frame))
-    return json.loads(ws.recv(timeout=5))
-
-
-def resumed(start: dict[str, Any], question: str | None, history: list[str] = ()) -> dict[str, Any]:
-    """The resumed frame: `history` alternates user and assistant text; `question` is the pending turn's, if any."""
-    turns = [{"role": ("user", "assistant")[i % 2], "text": t} for i, t in enumerate(history)]
-    pending = question and {"turn_id": start["turn_id"], "question": question}
-    return {"type": "resumed", "session_id": start["session_id"], "history": turns, "pending": pending}
-
-
-def whole_answer(start: dict, tokens: list[str], first_seq: int, stop_reason: str = "end_turn", input_tokens: int = 10):
-    """Tokens from `first_seq` on, then the end frame of the whole answer."""
-    end = {"type": "end", "session_id": start["session_id"], "turn_id": start["turn_id"], "full_text": "".join(tokens)}
-    end |= {"stop_reason": stop_reason, "usage": usage(input_tokens, len(tokens)), "history_trimmed": 0}
-    return [*tokens_of(tokens[first_seq - 1 :], first_seq), end]
-
-
-NOT_FOUND = "No such session: it may have expired, or the resume_token is wrong. Start a new session."
+# --- resuming: a session outlives its connection (SESSION_TTL) and its answer streams on for a resume
+# (RESUME_GRACE)
 
 
 # A question with no session_id (or null) starts a session with a minted id; each answer has its own turn_id; the
@@ -1494,50 +1693,6 @@ def test_drops_at_random_moments(resumable: Server, bedrock: FakeBedrock) -> Non
     drop_at_random(bedrock, [resumable.ws_url], "unlucky")
 
 
-def drop_at_random(bedrock: FakeBedrock, urls: list[str], name: str) -> None:
-    """20 clients asking and dropping at random moments, each connection to the next of `urls`."""
-    rng, moved = random.Random(10), []
-
-    async def one(i: int) -> tuple[list[str], str]:
-        question, received, connections = f"{name} {i}", [], 0
-        bedrock.replies[question] = Reply(tokens=[f" u{i}.{n}" for n in range(100)], delay=0.005)
-        start, first = None, json.dumps({"question": question})
-        while True:
-            url, connections = urls[connections % len(urls)], connections + 1
-            async with websockets.connect(url, max_queue=None) as ws:  # no backpressure: close at once
-                await ws.send(first)
-                for _ in range(rng.randrange(start is None, 16)):  # the start frame, at least
-                    frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
-                    start = start or frame
-                    if frame["type"] == "token":
-                        assert frame["seq"] == len(received) + 1, (frame, len(received))
-                        received.append(frame["text"])
-                    elif frame["type"] == "end":
-                        return received, frame["full_text"]
-                    elif frame["type"] == "resumed" and frame["pending"] is None:
-                        assert frame["history"][0]["text"] == question
-                        return received, frame["history"][1]["text"]
-                    elif frame["type"] == "error":  # a resume it sent before, handled late elsewhere, took it
-                        assert frame["code"] == "session_in_use" and frame["turn_id"] == start["turn_id"], frame
-                        moved.append(i)
-                        break
-                    else:
-                        assert frame["type"] in ("start", "resumed"), frame
-                if rng.random() < 0.5:
-                    ws.transport.abort()  # no close handshake: the server learns of it from the socket
-            fields = {"turn_id": start["turn_id"], "after": len(received)}
-            first = json.dumps({"type": "resume", **{k: start[k] for k in ("session_id", "resume_token")}, **fields})
-
-    async def all_of_them() -> list[tuple[list[str], str]]:
-        return await asyncio.gather(*(one(i) for i in range(20)))
-
-    for i, (received, full_text) in enumerate(asyncio.run(all_of_them())):
-        tokens = [f" u{i}.{n}" for n in range(100)]
-        assert full_text == "".join(tokens) and tokens[: len(received)] == received
-        assert len(bedrock.calls_for(f"{name} {i}")) == 1
-    print(f"{len(moved)} times a late resume took a session from its client's live connection")
-
-
 # A resume that claims more tokens than the answer has (after=10**6) gets the tokens from the next one on: the
 # answer, held back for a slow reader until then, is not left waiting for tokens that will never be sent.
 def test_resume_that_claims_too_much(resumable_layered: Server, bedrock: FakeBedrock) -> None:
@@ -1621,6 +1776,164 @@ def test_max_sessions_evicts_the_oldest_detached(bedrock: FakeBedrock, tmp_path:
             full = "MAX_SESSIONS=2 are all in use; try again later."
             assert ask(b, "no room", "c") == [{"type": "error", "session_id": "c", "code": "busy", "message": full}]
             assert server.health() == {"status": "ok", "connections": 2, "sessions": 2, "detached": 0, "streams": 0}
+
+
+# --- memory: what an answer, a connection and sessions hold at their limits, measured
+
+
+# The longest answer the defaults allow (MAX_TOKENS=4096 deltas), read promptly, holds under 28 MB.
+@slow
+def test_memory_of_one_answer(fresh: Server, bedrock: FakeBedrock) -> None:
+    bedrock.replies["the longest answer"] = Reply(tokens=[" word"] * 10_000)
+    with connect(f"{fresh.ws_url}?token={QUOTED_KEY}") as ws:
+        ask(ws, "warm up")
+        before = fresh.memory_kib()
+        fresh.reset_peak()
+        frames = ask(ws, "the longest answer")
+        assert len(frames) == 4098 and frames[-1]["stop_reason"] == "max_tokens"
+        peak = fresh.memory_kib("VmHWM") - before
+    print(f"one answer of 4096 tokens at its peak: {peak / 1024:.1f} MiB")
+    assert peak < 28 * MIB
+
+
+# One connection's worst case with the defaults (4 sessions filled to MAX_HISTORY_TOKENS with questions of
+# 32,000 four-byte characters and answers of 4,096 tokens of four four-byte characters), times MAX_CONNECTIONS,
+# plus MAX_CONCURRENT_STREAMS answers in flight at that size, fits a 24 GiB machine with room to spare.
+@slow
+def test_memory_of_one_connection(fresh: Server, bedrock: FakeBedrock) -> None:
+    answer, last_asked_at = ["\U0001f600" * 4] * 4096, [0]
+
+    def fill(ws: ClientConnection, name: str) -> None:
+        for turn in range(10):  # each turn is ~12,000 estimated tokens: 8 fill MAX_HISTORY_TOKENS
+            for session in range(4):
+                question = chr(0x1F300 + turn) * 31_999 + str(session)
+                bedrock.replies[question] = Reply(tokens=answer)
+                if (turn, session) == (9, 3):  # the last answer goes out with the longest history there is
+                    last_asked_at[0] = fresh.memory_kib()
+                    fresh.reset_peak()
+                assert ask(ws, question, f"{name}-{session}")[-1]["type"] == "end"
+
+    with connect(f"{fresh.ws_url}?token={QUOTED_KEY}") as first, connect(f"{fresh.ws_url}?token={QUOTED_KEY}") as ws:
+        fill(first, "first")  # subtle: also warms the allocator, which keeps what building large requests took
+        before = fresh.memory_kib()
+        fill(ws, "second")
+        per_answer = fresh.memory_kib("VmHWM") - last_asked_at[0]
+        per_connection = fresh.memory_kib() - before
+    print(
+        f"one connection at its worst: {per_connection / 1024:.1f} MiB; its answer in flight: {per_answer / 1024:.1f}"
+    )
+    assert per_connection * 1000 + max(per_answer, 28 * MIB) * 256 < 16 * 1024 * MIB
+    assert per_connection / 4 < 2.5 * MIB  # a session at its worst (README: the arithmetic for MAX_SESSIONS)
+
+
+# Thousands of clients that ask and drop mid-answer leave detached sessions with answers streaming on; after
+# RESUME_GRACE and SESSION_TTL (1 s and 2 s here) the counts are back to nothing, and memory stays flat.
+@slow
+def test_soak_of_dropped_answers(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    idle = {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0}
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, SESSION_TTL=2, RESUME_GRACE=1) as server:
+        asyncio.run(cycles(server.ws_url, 500, frames=2))  # warm up
+        wait_for(lambda: server.health() == idle, 10, "the warm-up sessions to expire")
+        before = server.memory_kib()
+        asyncio.run(cycles(server.ws_url, 3000, frames=2))  # each leaves after its start and first token
+        assert server.health()["detached"] > 0
+        wait_for(lambda: server.health() == idle, 10, "every session to expire")
+        grown = server.memory_kib() - before
+    print(f"3,000 dropped answers: RSS {before / 1024:.0f} MiB before, grown by {grown} KiB once they expired")
+    assert grown < 8 * 1024, f"RSS grew by {grown} KiB"
+
+
+# --- security by default: the handshake's key, Origin and Host checks
+
+
+HANDSHAKES = {
+    "no key": ({}, "", 403),
+    "wrong key": ({"Authorization": "Bearer nope"}, "", 403),
+    "key as basic auth": ({"Authorization": f"Basic {API_KEY}"}, "", 403),
+    "wrong token": ({}, "?token=nope", 403),
+    "bearer key": ({"Authorization": f"Bearer {API_KEY}"}, "", 101),
+    "lower-case scheme": ({"Authorization": f"bearer {API_KEY}"}, "", 101),
+    "token in query": ({}, f"?token={QUOTED_KEY}", 101),
+    "foreign origin": ({"Authorization": f"Bearer {API_KEY}", "Origin": "https://evil.example"}, "", 403),
+    "listed origin": ({"Authorization": f"Bearer {API_KEY}", "Origin": "https://app.example"}, "", 101),
+    "listed origin 2": ({"Origin": "https://other.example"}, f"?token={QUOTED_KEY}", 101),
+    "same host origin": ({"Authorization": f"Bearer {API_KEY}", "Origin": "http://{host}"}, "", 101),
+    "same host, other port": ({"Authorization": f"Bearer {API_KEY}", "Origin": "http://127.0.0.1:1"}, "", 403),
+}
+
+
+HOSTS = {
+    "loopback": ("127.0.0.1:{port}", 101),
+    "localhost": ("localhost:{port}", 101),
+    "ipv6 loopback": ("[::1]:{port}", 101),
+    "rebinding": ("rebind.attacker.example:{port}", 400),
+    "no port": ("rebind.attacker.example", 400),
+}
+
+
+# CHAT_API_KEY and ALLOWED_ORIGINS are checked before the socket is accepted: HTTP 403, or a working socket.
+@pytest.mark.parametrize("headers,query,status", HANDSHAKES.values(), ids=HANDSHAKES.keys())
+def test_handshake_guard(guarded: Server, headers: dict[str, str], query: str, status: int) -> None:
+    headers = {k: v.format(host=f"127.0.0.1:{guarded.port}") for k, v in headers.items()}
+    origin = headers.pop("Origin", None)
+    if status == 403:
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            connect(guarded.ws_url + query, additional_headers=headers, origin=origin)
+        assert refused.value.response.status_code == 403
+    else:
+        with connect(guarded.ws_url + query, additional_headers=headers, origin=origin) as ws:
+            assert ask(ws, "guarded")[-1]["full_text"] == echo("guarded")
+
+
+# ALLOWED_ORIGINS="*" accepts a page from any site.
+def test_any_origin(tmp_path: Path, bedrock: FakeBedrock) -> None:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, ALLOWED_ORIGINS="*") as server:
+        with connect(server.ws_url, origin="https://anywhere.example") as ws:
+            assert ask(ws, "from anywhere")[-1]["full_text"] == echo("from anywhere")
+
+
+# No token reaches the log, right or wrong, however it is encoded, though uvicorn logs each path with its query
+# string; and every access line is still written whole.
+def test_api_key_not_logged(guarded: Server) -> None:
+    lower_quoted = QUOTED_KEY.replace("%2F", "%2f")
+    for token in (QUOTED_KEY, lower_quoted, "wrong-guess-123"):
+        with contextlib.suppress(websockets.InvalidStatus), connect(f"{guarded.ws_url}?token={token}") as ws:
+            ask(ws, "log check")
+        httpx.get(f"{guarded.http}/?a=1&TOKEN={token}")
+    wait_for(lambda: guarded.log().count('"GET /?a=1&TOKEN=*** HTTP/1.1" 200') == 3, 5, "the access log lines")
+    for secret in (API_KEY, QUOTED_KEY, lower_quoted, "wrong-guess-123"):
+        assert secret not in guarded.log()
+    assert guarded.log().count('"WebSocket /ws/chat/completions?token=***" [accepted]') >= 2
+    assert '"WebSocket /ws/chat/completions?token=***" 403' in guarded.log()
+    assert "Logging error" not in guarded.log()
+
+
+# DNS rebinding: a Host that is not in ALLOWED_HOSTS gets HTTP 400, on the page and on the handshake, even with
+# an Origin on that same host; the default allows the loopback names.
+@pytest.mark.parametrize("host,status", HOSTS.values(), ids=HOSTS.keys())
+def test_allowed_hosts(server: Server, host: str, status: int) -> None:
+    host = host.format(port=server.port)
+    sock, got = handshake(server.port, host, f"Origin: http://{host}\r\n")
+    sock.close()
+    assert got == status
+    assert httpx.get(f"{server.http}/", headers={"Host": host}).status_code == (200 if status == 101 else 400)
+
+
+# ALLOWED_HOSTS names the hosts served ("*" = any); the same-origin rule then holds for those hosts only.
+def test_allowed_hosts_setting(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    hosts = "chat.internal, *.example.org, 127.0.0.1"  # the tests reach /healthz on 127.0.0.1
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, ALLOWED_HOSTS=hosts) as s:
+        for host, status in [("chat.internal", 101), ("a.example.org", 101), ("localhost", 400), ("evil.net", 400)]:
+            sock, got = handshake(s.port, f"{host}:{s.port}", f"Origin: http://{host}:{s.port}\r\n")
+            sock.close()
+            assert got == status, host
+        sock, got = handshake(s.port, f"chat.internal:{s.port}", "Origin: http://a.example.org\r\n")
+        sock.close()
+        assert got == 403  # an allowed host, but not this page's own origin
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, ALLOWED_HOSTS="*") as s:
+        sock, got = handshake(s.port, "anything.example")
+        sock.close()
+        assert got == 101
 
 
 # --- the reference alone: the top of chat_stream.py, cut out at its `# ===` line, is a whole app on plain uvicorn
@@ -1724,43 +2037,44 @@ def test_the_reference_lifted_into_another_app(tmp_path: Path, bedrock: FakeBedr
         for path in ("/chat/ws/chat/completions", "/ws/chat/completions"):
             with connect(f"ws://127.0.0.1:{s.port}{path}") as ws:
                 assert ask(ws, f"lifted {path}") == answer_frames("s1", echo_tokens(f"lifted {path}"), 10)
-            sock, status = handshake(s.port, "rebind.attacker.example", path=path)
-            sock.close()
-            assert status == 400, path
+            for host, expected in [("rebind.attacker.example", 400), ("localhost:x", 400), ("[::1]:80", 101)]:
+                sock, status = handshake(s.port, host, path=path)
+                sock.close()
+                assert status == expected, (path, host)
         assert httpx.get(f"{s.http}/chat/healthz").json()["status"] == "ok"
 
 
-# --- a shared store: sessions on Redis (a real redis-server), taken over across processes
+# === the layers below chat_stream.py's `# ===` line, a section each
 
 
-def redis_server() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
-    server = RedisServer()
-    yield server
-    server.close()
+# --- the Redis store: sessions on a real redis-server, taken over across processes
 
 
-store = pytest.fixture(redis_server, scope="module", name="store")  # shared by the tests of one module
-own_store = pytest.fixture(redis_server, name="own_store")  # a test's own, to stop, restart or count keys in
+def begin_in(server: Server, bedrock: FakeBedrock, start: dict, question: str, tokens: int, seen: int, **reply: Any):
+    """As begin(), in the session `start` opened (resumed first), on `server`."""
+    bedrock.replies[question] = Reply(tokens=[f" {question[:4]}{i}" for i in range(tokens)], **reply)
+    with connect(server.ws_url) as ws:
+        assert resume(ws, start)["type"] == "resumed"
+        ws.send(json.dumps({"question": question, "session_id": start["session_id"]}))
+        return [json.loads(ws.recv(timeout=5)) for _ in range(1 + seen)]
 
 
-@pytest.fixture(scope="module")
-def pair(store: RedisServer, bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
-    """Two server processes sharing one Redis: a client dropped by one resumes on the other."""
-    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, "REDIS_URL": store.url}
-    with contextlib.ExitStack() as stack:
-        yield [
-            stack.enter_context(run_server(tmp_path_factory.mktemp(name), BEDROCK_ENDPOINT_URL=bedrock.url, **settings))
-            for name in "ab"
-        ]
+# A bad REDIS_URL stops start-up too, with one line that does not show it (it may hold a password).
+@pytest.mark.parametrize("url", ["http://:hunter2@redis:6379/0", "redis://:hunter2@redis:6379/0?db=first"])
+def test_bad_redis_url_stops_startup(url: str) -> None:
+    result = start_up(REDIS_URL=url)
+    assert result.returncode == 1 and result.stderr.splitlines() == [
+        "chat_stream: bad setting REDIS_URL(not shown: it may hold a password): expected a redis:// or rediss:// URL"
+    ]
 
 
-def follow(ws: ClientConnection, start: dict[str, Any], after: int) -> list[dict[str, Any]]:
-    """Resume the turn `start` began after `after` tokens: the resumed frame, then the rest of the answer."""
-    frame = resume(ws, start, turn_id=start["turn_id"], after=after)
-    assert frame["type"] == "resumed", frame
-    return read_answer(ws)
+# Redis unreachable at start-up: one clear line (no password in it) and a non-zero exit.
+def test_unreachable_redis_at_startup(store: RedisServer) -> None:
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/3"
+    result = start_up(REDIS_URL=url, BEDROCK_MODEL_ID="offline")
+    assert result.returncode == 1 and "hunter2" not in result.stderr + result.stdout
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"chat_stream: cannot reach Redis at redis://127.0.0.1:{url.rsplit(':', 1)[1]} (REDIS_URL):")
 
 
 # Ask on A (a second question, after a first), drop mid-answer, resume on B by turn and seq: every token exactly
@@ -1968,24 +2282,6 @@ def test_sigkill_mid_answer(store: RedisServer, bedrock: FakeBedrock, tmp_path: 
     print(f"SIGKILL to unavailable: {waited:.1f} s")
 
 
-def begin_in(server: Server, bedrock: FakeBedrock, start: dict, question: str, tokens: int, seen: int, **reply: Any):
-    """As begin(), in the session `start` opened (resumed first), on `server`."""
-    bedrock.replies[question] = Reply(tokens=[f" {question[:4]}{i}" for i in range(tokens)], **reply)
-    with connect(server.ws_url) as ws:
-        assert resume(ws, start)["type"] == "resumed"
-        ws.send(json.dumps({"question": question, "session_id": start["session_id"]}))
-        return [json.loads(ws.recv(timeout=5)) for _ in range(1 + seen)]
-
-
-# Redis unreachable at start-up: one clear line (no password in it) and a non-zero exit.
-def test_unreachable_redis_at_startup(store: RedisServer) -> None:
-    url = f"redis://:hunter2@127.0.0.1:{free_port()}/3"
-    result = start_up(REDIS_URL=url, BEDROCK_MODEL_ID="offline")
-    assert result.returncode == 1 and "hunter2" not in result.stderr + result.stdout
-    (line,) = result.stderr.splitlines()
-    assert line.startswith(f"chat_stream: cannot reach Redis at redis://127.0.0.1:{url.rsplit(':', 1)[1]} (REDIS_URL):")
-
-
 # Redis lost while running: questions get unavailable, /healthz says 503, the answer being streamed still reaches
 # its client, nothing crashes; when Redis is back, service resumes by itself.
 def test_redis_lost_and_back(own_store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
@@ -2078,471 +2374,32 @@ def test_keys_expire(own_store: RedisServer, bedrock: FakeBedrock, tmp_path: Pat
         wait_for(lambda: client.dbsize() == 2, 5, "the held session's key to go SESSION_TTL after its connection")
 
 
-# --- security by default
-
-
-@pytest.fixture(scope="module")
-def guarded(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    settings = {"CHAT_API_KEY": API_KEY, "ALLOWED_ORIGINS": "https://app.example, https://other.example/"}
-    with run_server(tmp_path_factory.mktemp("guarded"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
-        yield server
-
-
-API_KEY = "k3y/with+odd=chars"
-QUOTED_KEY = "k3y%2Fwith%2Bodd%3Dchars"
-HANDSHAKES = {
-    "no key": ({}, "", 403),
-    "wrong key": ({"Authorization": "Bearer nope"}, "", 403),
-    "key as basic auth": ({"Authorization": f"Basic {API_KEY}"}, "", 403),
-    "wrong token": ({}, "?token=nope", 403),
-    "bearer key": ({"Authorization": f"Bearer {API_KEY}"}, "", 101),
-    "lower-case scheme": ({"Authorization": f"bearer {API_KEY}"}, "", 101),
-    "token in query": ({}, f"?token={QUOTED_KEY}", 101),
-    "foreign origin": ({"Authorization": f"Bearer {API_KEY}", "Origin": "https://evil.example"}, "", 403),
-    "listed origin": ({"Authorization": f"Bearer {API_KEY}", "Origin": "https://app.example"}, "", 101),
-    "listed origin 2": ({"Origin": "https://other.example"}, f"?token={QUOTED_KEY}", 101),
-    "same host origin": ({"Authorization": f"Bearer {API_KEY}", "Origin": "http://{host}"}, "", 101),
-    "same host, other port": ({"Authorization": f"Bearer {API_KEY}", "Origin": "http://127.0.0.1:1"}, "", 403),
-}
-
-
-# CHAT_API_KEY and ALLOWED_ORIGINS are checked before the socket is accepted: HTTP 403, or a working socket.
-@pytest.mark.parametrize("headers,query,status", HANDSHAKES.values(), ids=HANDSHAKES.keys())
-def test_handshake_guard(guarded: Server, headers: dict[str, str], query: str, status: int) -> None:
-    headers = {k: v.format(host=f"127.0.0.1:{guarded.port}") for k, v in headers.items()}
-    origin = headers.pop("Origin", None)
-    if status == 403:
-        with pytest.raises(websockets.InvalidStatus) as refused:
-            connect(guarded.ws_url + query, additional_headers=headers, origin=origin)
-        assert refused.value.response.status_code == 403
-    else:
-        with connect(guarded.ws_url + query, additional_headers=headers, origin=origin) as ws:
-            assert ask(ws, "guarded")[-1]["full_text"] == echo("guarded")
-
-
-# ALLOWED_ORIGINS="*" accepts a page from any site.
-def test_any_origin(tmp_path: Path, bedrock: FakeBedrock) -> None:
-    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, ALLOWED_ORIGINS="*") as server:
-        with connect(server.ws_url, origin="https://anywhere.example") as ws:
-            assert ask(ws, "from anywhere")[-1]["full_text"] == echo("from anywhere")
-
-
-# No token reaches the log, right or wrong, however it is encoded, though uvicorn logs each path with its query
-# string; and every access line is still written whole.
-def test_api_key_not_logged(guarded: Server) -> None:
-    lower_quoted = QUOTED_KEY.replace("%2F", "%2f")
-    for token in (QUOTED_KEY, lower_quoted, "wrong-guess-123"):
-        with contextlib.suppress(websockets.InvalidStatus), connect(f"{guarded.ws_url}?token={token}") as ws:
-            ask(ws, "log check")
-        httpx.get(f"{guarded.http}/?a=1&TOKEN={token}")
-    wait_for(lambda: guarded.log().count('"GET /?a=1&TOKEN=*** HTTP/1.1" 200') == 3, 5, "the access log lines")
-    for secret in (API_KEY, QUOTED_KEY, lower_quoted, "wrong-guess-123"):
-        assert secret not in guarded.log()
-    assert guarded.log().count('"WebSocket /ws/chat/completions?token=***" [accepted]') >= 2
-    assert '"WebSocket /ws/chat/completions?token=***" 403' in guarded.log()
-    assert "Logging error" not in guarded.log()
-
-
-# --- limits and abuse: a real server, and clients that misbehave on purpose (raw sockets where needed)
-
-MIB = 1024  # in KiB, as /proc reports memory
-
-
-def client_frame(opcode: int, payload: bytes) -> bytes:
-    """One masked frame, as a client must send it (payload under 126 bytes)."""
-    mask = b"\x01\x02\x03\x04"
-    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def server_frames(sock: socket.socket) -> list[tuple[int, bytes]]:
-    """Read (opcode, payload) frames from the server until it closes the socket."""
-    data = b""
-    sock.settimeout(10)
-    with contextlib.suppress(ConnectionError):
-        while more := sock.recv(65536):
-            data += more
-    frames = []
-    while len(data) >= 2:
-        opcode, length, data = data[0] & 0x0F, data[1] & 0x7F, data[2:]
-        if length >= 126:
-            size = 2 if length == 126 else 8
-            length, data = int.from_bytes(data[:size], "big"), data[size:]
-        frames.append((opcode, data[:length]))
-        data = data[length:]
-    return frames
-
-
-def close_code(sock: socket.socket) -> int | None:
-    """The code of the server's close frame, or None if the socket ended without one."""
-    closes = [payload for opcode, payload in server_frames(sock) if opcode == 0x8]
-    return struct.unpack(">H", closes[0][:2])[0] if closes else None
-
-
-def flood(sock: socket.socket, data: bytes, seconds: float) -> int:
-    """Send `data` over and over for `seconds` without reading; the bytes that went out."""
-    sock.settimeout(0.2)
-    sent, deadline = 0, time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            sent += sock.send(data)
-        except TimeoutError:
-            continue  # the server stopped reading: its buffers, not ours, are what is measured
-        except OSError:
-            break  # the server closed the connection
-    return sent
-
-
-def drip(sock: socket.socket, data: bytes, every: float) -> float:
-    """Send `data` one byte every `every` seconds (a slowloris) until the server closes; the seconds it took."""
-    started = time.monotonic()
-    sock.setblocking(False)
-    with contextlib.suppress(ConnectionError):
-        for byte in data:
-            with contextlib.suppress(BlockingIOError):  # nothing to read: still open
-                if sock.recv(1) == b"":
-                    break
-            sock.send(bytes([byte]))
-            time.sleep(every)  # the attack's own pace, not a wait for the server
-    return time.monotonic() - started
-
-
-@pytest.fixture
-def fresh(bedrock: FakeBedrock, tmp_path: Path) -> Iterator[Server]:
-    """A server of its own with the default limits, so its memory is measured alone."""
-    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, CHAT_API_KEY=API_KEY) as server:
-        yield server
-
-
-# A client pipelining HTTP requests for 10 s without reading its responses costs under 50 MB, and the memory
-# is back within 20 MB of where it started within 5 s of the client leaving (h11 stops reading while it waits).
-@slow
-def test_pipelining_flood(fresh: Server) -> None:
-    httpx.get(f"{fresh.http}/healthz")
-    before = fresh.memory_kib()
-    fresh.reset_peak()
-    with raw_connect(fresh.port) as sock:
-        sent = flood(sock, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 100, 10)
-        peak = fresh.memory_kib("VmHWM") - before
-        print(f"pipelining flood: {sent / 2**20:.1f} MiB sent, peak +{peak / 1024:.1f} MiB")
-        assert peak < 50 * MIB
-        assert fresh.health()["status"] == "ok"  # others are served meanwhile
-    wait_for(lambda: fresh.memory_kib() - before < 20 * MIB, 5, "the memory to come back")
-    print(f"pipelining flood: {(fresh.memory_kib() - before) / 1024:.1f} MiB above the start after it")
-
-
-# A client sending pings without reading the pongs is closed by the frame budget within seconds, costing little
-# memory and CPU (the server stops reading it at once).
-def test_ping_flood(fresh: Server) -> None:
-    sock, status = handshake(fresh.port, headers=f"Authorization: Bearer {API_KEY}\r\n")
-    assert status == 101
-    before, cpu = fresh.memory_kib(), fresh.cpu_seconds()
-    fresh.reset_peak()
-    with sock:
-        started = time.monotonic()
-        sent = flood(sock, client_frame(0x9, b"p" * 125) * 50, 15)
-        assert time.monotonic() - started < 5  # the server closed the connection
-    peak, cpu = fresh.memory_kib("VmHWM") - before, fresh.cpu_seconds() - cpu
-    print(f"ping flood: {sent / 2**20:.1f} MiB sent, peak +{peak / 1024:.1f} MiB, {cpu:.2f} s of server CPU")
-    assert peak < 50 * MIB and cpu < 0.2
-    assert "closing a WebSocket that sent over MAX_FRAMES_PER_SECOND=20 frames" in fresh.log()
-
-
-# Frames beyond the per-connection budget (MAX_FRAMES_PER_SECOND, bursts of twice that) close the connection
-# with 1008 after at most the budget's worth of answers, within a second; a burst within it is answered in full.
-def test_frame_budget(server: Server) -> None:
-    with connect(server.ws_url) as ws:
-        for _ in range(30):
-            ws.send("{}")
-        assert [json.loads(ws.recv(timeout=5))["code"] for _ in range(30)] == ["invalid_request"] * 30
-        assert ask(ws, "within budget")[-1]["full_text"] == echo("within budget")
-    with connect(server.ws_url) as other:
-        flooder, status = handshake(server.port)
-        assert status == 101
-        with flooder:
-            flooder.sendall(client_frame(0x1, b"{}") * 1000)
-            started = time.monotonic()
-            frames = server_frames(flooder)
-            assert time.monotonic() - started < 3
-        assert frames[-1] == (0x8, struct.pack(">H", 1008) + b"too many frames")
-        assert len(frames) - 1 <= 40 and all(json.loads(data)["code"] == "invalid_request" for _, data in frames[:-1])
-        assert ask(other, "unaffected")[-1]["full_text"] == echo("unaffected")
-
-
-# A client that stops reading mid-answer is closed after SEND_TIMEOUT: its slot, connection and session are freed,
-# its Bedrock stream is closed, and a new client is served; the stall costs bounded memory.
-@slow
-def test_client_that_stops_reading(bedrock: FakeBedrock, tmp_path: Path) -> None:
-    settings = {"SEND_TIMEOUT": "2", "MAX_CONCURRENT_STREAMS": "2", "BEDROCK_ENDPOINT_URL": bedrock.url}
-    with run_server(tmp_path, **settings) as server, contextlib.ExitStack() as stack:
-        before = server.memory_kib()
-        server.reset_peak()
-        for i in range(2):
-            bedrock.replies[f"never read {i}"] = Reply(tokens=["x" * 10_000] * 4096)  # more than all socket buffers
-            stalled = stack.enter_context(slow_reader(server))
-            stalled.send(json.dumps({"question": f"never read {i}", "session_id": f"stalled-{i}"}))
-        wait_for(lambda: server.health()["streams"] == 2, 5, "both answers to stream")
-        stalled_at = time.monotonic()
-        wait_for(lambda: server.health()["connections"] == 0, 10, "the stalled clients to be closed")
-        assert 2 <= time.monotonic() - stalled_at < 8
-        assert server.health() == {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0}
-        closed_at = time.monotonic()
-        for i in range(2):  # our own send failed, and the upstream was closed with it, at once
-            (call,) = bedrock.calls_for(f"never read {i}")
-            wait_for(lambda call=call: call.client_closed_at, 1, "the Bedrock stream to close")
-            assert call.client_closed_at < closed_at + 1 and not call.finished
-        print(f"two stalled clients: peak +{(server.memory_kib('VmHWM') - before) / 1024:.1f} MiB")
-        assert server.memory_kib("VmHWM") - before < 2 * 28 * MIB, (before, server.memory_kib("VmHWM"))  # two answers
-        with connect(server.ws_url) as ws:
-            assert ask(ws, "my turn")[-1]["full_text"] == echo("my turn")
-        assert "closing a WebSocket that read nothing for SEND_TIMEOUT=2s" in server.log()
-
-
-HOSTS = {
-    "loopback": ("127.0.0.1:{port}", 101),
-    "localhost": ("localhost:{port}", 101),
-    "ipv6 loopback": ("[::1]:{port}", 101),
-    "rebinding": ("rebind.attacker.example:{port}", 400),
-    "no port": ("rebind.attacker.example", 400),
-}
-
-
-# DNS rebinding: a Host that is not in ALLOWED_HOSTS gets HTTP 400, on the page and on the handshake, even with
-# an Origin on that same host; the default allows the loopback names.
-@pytest.mark.parametrize("host,status", HOSTS.values(), ids=HOSTS.keys())
-def test_allowed_hosts(server: Server, host: str, status: int) -> None:
-    host = host.format(port=server.port)
-    sock, got = handshake(server.port, host, f"Origin: http://{host}\r\n")
-    sock.close()
-    assert got == status
-    assert httpx.get(f"{server.http}/", headers={"Host": host}).status_code == (200 if status == 101 else 400)
-
-
-# ALLOWED_HOSTS names the hosts served ("*" = any); the same-origin rule then holds for those hosts only.
-def test_allowed_hosts_setting(bedrock: FakeBedrock, tmp_path: Path) -> None:
-    hosts = "chat.internal, *.example.org, 127.0.0.1"  # the tests reach /healthz on 127.0.0.1
-    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, ALLOWED_HOSTS=hosts) as s:
-        for host, status in [("chat.internal", 101), ("a.example.org", 101), ("localhost", 400), ("evil.net", 400)]:
-            sock, got = handshake(s.port, f"{host}:{s.port}", f"Origin: http://{host}:{s.port}\r\n")
-            sock.close()
-            assert got == status, host
-        sock, got = handshake(s.port, f"chat.internal:{s.port}", "Origin: http://a.example.org\r\n")
-        sock.close()
-        assert got == 403  # an allowed host, but not this page's own origin
-    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, ALLOWED_HOSTS="*") as s:
-        sock, got = handshake(s.port, "anything.example")
-        sock.close()
-        assert got == 101
-
-
-# MAX_CONNECTIONS refuses handshakes beyond it with HTTP 503 and one log line; a closed one makes room. Idle
-# WebSockets outlive REQUEST_TIMEOUT; TCP connections that send no request are closed after it.
-@slow
-def test_max_connections_and_silent_sockets(bedrock: FakeBedrock, tmp_path: Path) -> None:
-    with (
-        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, MAX_CONNECTIONS=3) as server,
-        contextlib.ExitStack() as stack,
-    ):
-        first, *clients = [stack.enter_context(connect(server.ws_url)) for _ in range(3)]
-        sock, status = handshake(server.port)
-        sock.close()
-        assert status == 503 and "refused a WebSocket: MAX_CONNECTIONS=3 are open" in server.log()
-        first.close()
-        wait_for(lambda: server.health()["connections"] == 2, 5, "a free place")
-        clients.append(stack.enter_context(connect(server.ws_url)))
-        silent = [raw_connect(server.port) for _ in range(50)]
-        opened_at = time.monotonic()
-        with raw_connect(server.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") as dripping:
-            assert dripping.recv(4096).startswith(b"HTTP/1.1 200")
-            assert drip(dripping, b"GET /healthz HTTP/1.1\r\nX-Slow: " + b"a" * 100, 0.2) < 7
-        closed_after = time.monotonic() - opened_at
-        for sock in silent:
-            sock.settimeout(10)
-            assert sock.recv(1) == b""  # closed by the server
-            sock.close()
-        assert 4 < time.monotonic() - opened_at < 8 and 4 < closed_after < 8
-        for i, ws in enumerate(clients):
-            assert ask(ws, "still connected", f"c{i}")[-1]["full_text"] == echo("still connected")
-
-
-# 1,100 silent TCP connections against a server whose file limit is 1,024 lock nobody out for long: they are
-# closed after REQUEST_TIMEOUT and a real client is then served; the start-up log warns about the limit.
-@slow
-def test_silent_sockets_at_the_file_limit(bedrock: FakeBedrock, tmp_path: Path) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < 4096:  # this test process holds the 1,100 sockets
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
-    with run_server(tmp_path, open_files=1024, BEDROCK_ENDPOINT_URL=bedrock.url) as server:
-        assert "open-file limit 1024 < 1320 needed at MAX_CONNECTIONS" in server.log()
-        silent = [raw_connect(server.port) for _ in range(1100)]
-        try:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    with connect(server.ws_url, open_timeout=5) as ws:
-                        assert ask(ws, "let me in")[-1]["full_text"] == echo("let me in")
-                        break
-                except (OSError, websockets.WebSocketException):  # refused, reset or closed at once
-                    assert time.monotonic() < deadline, "locked out"
-        finally:
-            for sock in silent:
-                sock.close()
-
-
-# The longest answer the defaults allow (MAX_TOKENS=4096 deltas), read promptly, holds under 28 MB.
-@slow
-def test_memory_of_one_answer(fresh: Server, bedrock: FakeBedrock) -> None:
-    bedrock.replies["the longest answer"] = Reply(tokens=[" word"] * 10_000)
-    with connect(f"{fresh.ws_url}?token={QUOTED_KEY}") as ws:
-        ask(ws, "warm up")
-        before = fresh.memory_kib()
-        fresh.reset_peak()
-        frames = ask(ws, "the longest answer")
-        assert len(frames) == 4098 and frames[-1]["stop_reason"] == "max_tokens"
-        peak = fresh.memory_kib("VmHWM") - before
-    print(f"one answer of 4096 tokens at its peak: {peak / 1024:.1f} MiB")
-    assert peak < 28 * MIB
-
-
-# One connection's worst case with the defaults (4 sessions filled to MAX_HISTORY_TOKENS with questions of
-# 32,000 four-byte characters and answers of 4,096 tokens of four four-byte characters), times MAX_CONNECTIONS,
-# plus MAX_CONCURRENT_STREAMS answers in flight at that size, fits a 24 GiB machine with room to spare.
-@slow
-def test_memory_of_one_connection(fresh: Server, bedrock: FakeBedrock) -> None:
-    answer, last_asked_at = ["\U0001f600" * 4] * 4096, [0]
-
-    def fill(ws: ClientConnection, name: str) -> None:
-        for turn in range(10):  # each turn is ~12,000 estimated tokens: 8 fill MAX_HISTORY_TOKENS
-            for session in range(4):
-                question = chr(0x1F300 + turn) * 31_999 + str(session)
-                bedrock.replies[question] = Reply(tokens=answer)
-                if (turn, session) == (9, 3):  # the last answer goes out with the longest history there is
-                    last_asked_at[0] = fresh.memory_kib()
-                    fresh.reset_peak()
-                assert ask(ws, question, f"{name}-{session}")[-1]["type"] == "end"
-
-    with connect(f"{fresh.ws_url}?token={QUOTED_KEY}") as first, connect(f"{fresh.ws_url}?token={QUOTED_KEY}") as ws:
-        fill(first, "first")  # subtle: also warms the allocator, which keeps what building large requests took
-        before = fresh.memory_kib()
-        fill(ws, "second")
-        per_answer = fresh.memory_kib("VmHWM") - last_asked_at[0]
-        per_connection = fresh.memory_kib() - before
-    print(
-        f"one connection at its worst: {per_connection / 1024:.1f} MiB; its answer in flight: {per_answer / 1024:.1f}"
-    )
-    assert per_connection * 1000 + max(per_answer, 28 * MIB) * 256 < 16 * 1024 * MIB
-    assert per_connection / 4 < 2.5 * MIB  # a session at its worst (README: the arithmetic for MAX_SESSIONS)
-
-
-# Thousands of clients that ask and drop mid-answer leave detached sessions with answers streaming on; after
-# RESUME_GRACE and SESSION_TTL (1 s and 2 s here) the counts are back to nothing, and memory stays flat.
-@slow
-def test_soak_of_dropped_answers(bedrock: FakeBedrock, tmp_path: Path) -> None:
-    idle = {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0}
-    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, SESSION_TTL=2, RESUME_GRACE=1) as server:
-        asyncio.run(cycles(server.ws_url, 500, frames=2))  # warm up
-        wait_for(lambda: server.health() == idle, 10, "the warm-up sessions to expire")
-        before = server.memory_kib()
-        asyncio.run(cycles(server.ws_url, 3000, frames=2))  # each leaves after its start and first token
-        assert server.health()["detached"] > 0
-        wait_for(lambda: server.health() == idle, 10, "every session to expire")
-        grown = server.memory_kib() - before
-    print(f"3,000 dropped answers: RSS {before / 1024:.0f} MiB before, grown by {grown} KiB once they expired")
-    assert grown < 8 * 1024, f"RSS grew by {grown} KiB"
-
-
-# The offline model answers any question within the limits in milliseconds (the old regex took 6 s of CPU).
-def test_offline_model_is_linear(tmp_path: Path) -> None:
-    with run_server(tmp_path, BEDROCK_MODEL_ID="offline", MAX_TOKENS="20") as server:
-        with connect(server.ws_url) as ws:
-            ask(ws, "warm up")
-            cpu = server.cpu_seconds()
-            assert ask(ws, "x" + " " * 31_999)[-1]["type"] == "end"
-            assert server.cpu_seconds() - cpu < 0.5
-
-
-# A text frame that is not UTF-8 closes that connection with 1007 and one log line, not a traceback.
-def test_invalid_utf8_text_frame(server: Server) -> None:
-    sock, status = handshake(server.port)
-    assert status == 101
-    with sock:
-        sock.sendall(client_frame(0x1, b'{"question": "\xff\xfe"}'))
-        assert close_code(sock) == 1007
-    wait_for(lambda: "text frame that is not UTF-8" in server.log(), 5, "the log line")
-    assert "Invalid UTF-8 sequence" not in server.log()
-
-
-# The page forbids framing, sniffing, referrers, and any script or style but its own.
-def test_page_security_headers(server: Server) -> None:
-    headers = httpx.get(f"{server.http}/").headers
-    assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
-    assert headers["referrer-policy"] == "no-referrer"
-    policy = dict(part.strip().split(" ", 1) for part in headers["content-security-policy"].split(";"))
-    assert policy["default-src"] == "'none'" and policy["frame-ancestors"] == "'none'"
-    assert policy["script-src"].startswith("'sha256-") and policy["connect-src"] == "'self'"
-
-
-# Listening beyond loopback with no CHAT_API_KEY is allowed, but the log says so.
-def test_warning_when_open_to_the_network(tmp_path: Path) -> None:
-    with run_server(tmp_path, BEDROCK_MODEL_ID="offline", HOST="0.0.0.0") as server:
-        assert "listening on 0.0.0.0 without CHAT_API_KEY" in server.log()
-    with run_server(tmp_path, BEDROCK_MODEL_ID="offline") as server:
-        assert "without CHAT_API_KEY" not in server.log()
-
-
-# --- operations
-
-
-# One INFO line per answer with timings, token counts and outcome; never the question or answer text.
-def test_one_log_line_per_answer(ws: ClientConnection, server: Server) -> None:
-    ask(ws, "confidential question text", "logged")
-    wait_for(lambda: "session='logged'" in server.log(), 5, "the answer's log line")
-    (line,) = [line for line in server.log().splitlines() if "session='logged'" in line]
-    assert re.search(
-        r"INFO: +answer session='logged' turn=[\w-]{16} model=amazon.nova-micro-v1:0 ttft_ms=\d+ duration_ms=\d+ "
-        r"tokens_in=10 tokens_out=4 outcome=end$",
-        line,
-    ), line
-    assert "confidential" not in server.log()
-
-
-# The log line tells a cancel from a client that left, and counts the tokens sent when Bedrock's usage never came.
-def test_log_outcomes(server: Server, bedrock: FakeBedrock) -> None:
-    with connect(server.ws_url) as ws:
-        frames = start_slow_answer(ws, bedrock, "to be cancelled", "log-cancel")
-        ws.send(json.dumps({"type": "cancel"}))
-        sent = sum(frame["type"] == "token" for frame in frames + read_answer(ws))
-        bedrock.replies["fails midway"] = Reply(tokens=["a", "b"], exception="throttlingException")
-        ask(ws, "fails midway", "log-error")
-        start_slow_answer(ws, bedrock, "left behind", "log-left")
-    lines = lambda: [line for line in server.log().splitlines() if "answer session='log-" in line]  # noqa: E731
-    wait_for(lambda: len(lines()) == 3, 5, "three answer lines")
-    assert [re.search(r"session='(\S+)'.* tokens_out=(\d+) outcome=(\w+)$", line).groups() for line in lines()] == [
-        ("log-cancel", str(sent), "cancelled"),
-        ("log-error", "2", "throttled"),
-        ("log-left", re.search(r"tokens_out=(\d+) outcome=disconnected", lines()[2]).group(1), "disconnected"),
-    ]
-
-
-def scrape(server: Server, client: Any = httpx) -> dict[str, dict[frozenset, float]]:
-    """GET /metrics, read with prometheus-client's own parser: each sample's value by name, then by its labels."""
-    response = client.get(f"{server.http}/metrics")
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/plain; version=")
-    samples: dict[str, dict[frozenset, float]] = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, {})[frozenset(sample.labels.items())] = sample.value
-    return samples
-
-
-def by(samples: dict[frozenset, float], label: str) -> dict[str, float]:
-    """The samples of one metric by one label's value (the others must be the same for all)."""
-    return {dict(labels)[label]: value for labels, value in samples.items()}
+# --- metrics and JSON logs: /metrics read with prometheus-client's own parser; every line one JSON object
 
 
 ANSWER_OUTCOMES = ["end", "cancelled", "disconnected", "throttled", "access_denied", "model_error", "unavailable"]
 ANSWER_OUTCOMES += ["timeout", "internal", "too_large", "session_in_use"]
+
+
 REFUSAL_CODES = ["invalid_request", "too_large", "busy", "session_in_use", "not_found", "unavailable"]
+
+
+ANSWER_FIELDS = {"session_id": str, "turn_id": str, "model": str, "ttft_ms": int, "duration_ms": int}
+ANSWER_FIELDS |= {"tokens_in": int, "tokens_out": int, "outcome": str}
+
+
+ODD_ID = 'j1 "}\n{"level": "x" \U0001f600\u202e\\'  # a session id that would break a careless line
+
+
+GAUGED = ("connections", "sessions", "streams")
+
+
+def is_closed(ws: ClientConnection) -> bool:
+    try:
+        ws.ping().wait(1)
+        return False
+    except (websockets.ConnectionClosed, TimeoutError):
+        return True
 
 
 # /metrics after a known sequence (two ends, a cancel, a throttled error retried once, a client that left, a bad
@@ -2679,13 +2536,6 @@ def test_metrics_across_workers(bedrock: FakeBedrock, tmp_path: Path) -> None:
     assert lines and all(json.loads(line)["message"] for line in lines)  # every line, the supervisor's too
 
 
-ANSWER_FIELDS = {"session_id": str, "turn_id": str, "model": str, "ttft_ms": int, "duration_ms": int}
-ANSWER_FIELDS |= {"tokens_in": int, "tokens_out": int, "outcome": str}
-
-
-ODD_ID = 'j1 "}\n{"level": "x" \U0001f600\u202e\\'  # a session id that would break a careless line
-
-
 # LOG_FORMAT=json: every line the process writes to stdout and stderr is one JSON object with time, level, logger and
 # message: uvicorn's own (start, access, handshakes, a bad request, shutdown), a warning printed before logging is
 # set up, a library's warning, a traceback (in the line), the drain; an answer's line holds its fields, whatever its
@@ -2772,148 +2622,12 @@ def test_json_logs_under_the_uvicorn_command(bedrock: FakeBedrock, tmp_path: Pat
     assert any(m.startswith("Uvicorn running on") for m in messages) and "Application shutdown complete." in messages
 
 
-GAUGED = ("connections", "sessions", "streams")
-
-
-def is_closed(ws: ClientConnection) -> bool:
-    try:
-        ws.ping().wait(1)
-        return False
-    except (websockets.ConnectionClosed, TimeoutError):
-        return True
-
-
-LIFETIMES = {"connection-bound": {}, "resumable": {"SESSION_TTL": "", "RESUME_GRACE": ""}}  # "": the defaults
-
-
-# SIGTERM drains: /healthz says 503 "draining" and new handshakes get 503; an idle connection is closed with
-# 1012 at once; a new question gets "unavailable" (before "busy"); 20 answers in flight each run to their exact
-# end, then 1012; the process exits as soon as they are done.
-@pytest.mark.parametrize("lifetimes", LIFETIMES.values(), ids=LIFETIMES.keys())
-def test_sigterm_drains(tmp_path: Path, bedrock: FakeBedrock, lifetimes: dict) -> None:
-    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **lifetimes) as server, contextlib.ExitStack() as stack:
-        idle = stack.enter_context(connect(server.ws_url))
-        clients = [stack.enter_context(connect(server.ws_url)) for _ in range(20)]
-        tokens = [f" d{i}" for i in range(30)]
-        for i, ws in enumerate(clients):
-            bedrock.replies[f"drain {i}"] = Reply(tokens=tokens, delay=0.05)
-            ws.send(json.dumps({"question": f"drain {i}", "session_id": f"d{i}"}))
-            assert json.loads(ws.recv(timeout=5))["type"] == "start"
-        server.process.send_signal(signal.SIGTERM)
-        signalled_at = time.monotonic()
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            idle.recv(timeout=5)
-        assert closed.value.rcvd.code == 1012 and time.monotonic() - signalled_at < 1
-        response = httpx.get(f"{server.http}/healthz")
-        assert response.status_code == 503 and response.json()["status"] == "draining"
-        sock, status = handshake(server.port)
-        sock.close()
-        assert status == 503
-        clients[0].send(json.dumps({"question": "one more", "session_id": "d0"}))
-        for i, ws in enumerate(clients):
-            frames = [json.loads(ws.recv(timeout=5)) for _ in range(31 + (i == 0))]
-            if i == 0:
-                refused = {"type": "error", "session_id": "d0", "code": "unavailable", "message": RESTARTING}
-                assert refused in frames
-                frames.remove(refused)
-            received = [f["text"] for f in frames if f["type"] == "token"]
-            assert received == tokens[-len(received) :] and frames[-1]["full_text"] == "".join(tokens)
-            with pytest.raises(websockets.ConnectionClosed) as closed:
-                ws.recv(timeout=5)
-            assert closed.value.rcvd.code == 1012
-        assert server.process.wait(timeout=10) == -signal.SIGTERM  # uvicorn re-raises the signal once it is done
-        assert time.monotonic() - signalled_at < 5  # 30 tokens, 50 ms apart: 1.5 s at most, then out
-        assert "Application shutdown complete." in server.log()
-    assert not bedrock.calls_for("one more")
-
-
-RESTARTING = "The server is restarting; reconnect and ask again."
-
-
-# After DRAIN_TIMEOUT, an answer still streaming is cut: its client gets 1012, its Bedrock stream is closed, and
-# the process exits within DRAIN_TIMEOUT + 5 s.
-@pytest.mark.parametrize("lifetimes", LIFETIMES.values(), ids=LIFETIMES.keys())
-def test_sigterm_drain_timeout(tmp_path: Path, bedrock: FakeBedrock, lifetimes: dict) -> None:
-    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, DRAIN_TIMEOUT=1, **lifetimes) as server:
-        with connect(server.ws_url) as ws:
-            start_slow_answer(ws, bedrock, "longer than the drain", "long", tokens=1)
-            server.process.send_signal(signal.SIGTERM)
-            signalled_at = time.monotonic()
-            with pytest.raises(websockets.ConnectionClosed) as closed:
-                while json.loads(ws.recv(timeout=10))["type"] == "token":
-                    pass
-            assert closed.value.rcvd.code == 1012 and 1 <= time.monotonic() - signalled_at < 3
-        assert server.process.wait(timeout=10) == -signal.SIGTERM and time.monotonic() - signalled_at < 6
-    call = bedrock.calls_for("longer than the drain")[-1]
-    assert call.client_closed_at and not call.finished
-
-
-# SIGTERM with resumable sessions: an answer streaming for no connection, or whose client leaves during the drain,
-# is stopped (nobody can resume it now), a resume gets "unavailable", and the process does not wait for
-# RESUME_GRACE.
-def test_sigterm_stops_detached_answers(tmp_path: Path, bedrock: FakeBedrock) -> None:
-    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, SESSION_TTL=60, RESUME_GRACE=30) as server:
-        start = begin(server, bedrock, "nobody is listening", 400, 2, delay=0.05)[0]
-        bedrock.replies["stay for a bit"] = Reply(tokens=[f" s{i}" for i in range(40)], delay=0.05)
-        bedrock.replies["leave during the drain"] = Reply(tokens=[f" l{i}" for i in range(400)], delay=0.05)
-        with connect(server.ws_url) as ws, connect(server.ws_url) as leaver:
-            leaver.send(json.dumps({"question": "leave during the drain", "session_id": "leaver"}))
-            ws.send(json.dumps({"question": "stay for a bit", "session_id": "stay"}))
-            assert json.loads(ws.recv(timeout=5))["type"] == json.loads(leaver.recv(timeout=5))["type"] == "start"
-            server.process.send_signal(signal.SIGTERM)
-            wait_for(lambda: httpx.get(f"{server.http}/healthz").status_code == 503, 2, "the drain to start")
-            leaver.close()  # its answer has no one to wait for now
-            signalled_at = time.monotonic()
-            (call,) = bedrock.calls_for("nobody is listening")
-            wait_for(lambda: call.client_closed_at, 2, "the detached answer to stop")
-            ws.send(json.dumps({"type": "resume", "session_id": start["session_id"], "resume_token": "x"}))
-            frames = read_answer(ws)  # the tokens still coming, and the refusal
-            assert {
-                "type": "error",
-                "session_id": start["session_id"],
-                "code": "unavailable",
-                "message": RESTARTING,
-            } in frames
-            assert read_answer(ws)[-1]["full_text"] == "".join(f" s{i}" for i in range(40))
-        assert server.process.wait(timeout=10) == -signal.SIGTERM and time.monotonic() - signalled_at < 3
-    assert not call.finished
-
-
 # --- the chat page, in a real headless Chromium
 
-CHROMIUM = shutil.which("chromium")
+
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="needs Debian's Chromium: apt-get install chromium (.ci/run installs it)"
 )
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-sync",
-    "--disable-background-networking",
-    "--disable-component-update",
-]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    page = browser.new_page()
-    dialogs: list[str] = []
-    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
-    page.dialogs = dialogs
-    yield page
-    page.close()
 
 
 def open_chat(page: Any, url: str) -> None:
@@ -2926,6 +2640,23 @@ def open_chat(page: Any, url: str) -> None:
 def ask_on_page(page: Any, question: str) -> None:
     page.locator("#question").fill(question)
     page.keyboard.press("Enter")
+
+
+def page_answer(page: Any, tokens: list[str], seconds: float = 15) -> None:
+    """Wait until the page's last answer is exactly `tokens`, never showing a token twice meanwhile."""
+    deadline, whole = time.monotonic() + seconds, "".join(tokens)
+    while (shown := page.locator(".bot").last.text_content() or "") != whole:
+        assert whole.startswith(shown) and time.monotonic() < deadline, shown
+
+
+# The page forbids framing, sniffing, referrers, and any script or style but its own.
+def test_page_security_headers(server: Server) -> None:
+    headers = httpx.get(f"{server.http}/").headers
+    assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+    assert headers["referrer-policy"] == "no-referrer"
+    policy = dict(part.strip().split(" ", 1) for part in headers["content-security-policy"].split(";"))
+    assert policy["default-src"] == "'none'" and policy["frame-ancestors"] == "'none'"
+    assert policy["script-src"].startswith("'sha256-") and policy["connect-src"] == "'self'"
 
 
 # Type a question and press Enter: the answer grows token by token, then is complete; Shift+Enter adds a line.
@@ -3034,13 +2765,6 @@ def test_page_errors_and_reconnect(page: Any, tmp_path: Path, bedrock: FakeBedro
         expect(page.locator(".bot")).to_have_text(echo("back again"))
 
 
-def page_answer(page: Any, tokens: list[str], seconds: float = 15) -> None:
-    """Wait until the page's last answer is exactly `tokens`, never showing a token twice meanwhile."""
-    deadline, whole = time.monotonic() + seconds, "".join(tokens)
-    while (shown := page.locator(".bot").last.text_content() or "") != whole:
-        assert whole.startswith(shown) and time.monotonic() < deadline, shown
-
-
 # The connection drops mid-answer (closed from the page): the page reconnects, resumes by turn and seq, and the
 # answer carries on in place: nothing lost or doubled, from one upstream request.
 @needs_chromium
@@ -3112,6 +2836,331 @@ def test_page_passes_token(page: Any, guarded: Server) -> None:
     expect(page.locator("#state")).to_contain_text("disconnected")
 
 
+# --- the server: uvicorn's protocols and their limits against clients that misbehave on purpose (raw sockets
+# where needed), the drain on SIGTERM, workers
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """One masked frame, as a client must send it (payload under 126 bytes)."""
+    mask = b"\x01\x02\x03\x04"
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def server_frames(sock: socket.socket) -> list[tuple[int, bytes]]:
+    """Read (opcode, payload) frames from the server until it closes the socket."""
+    data = b""
+    sock.settimeout(10)
+    with contextlib.suppress(ConnectionError):
+        while more := sock.recv(65536):
+            data += more
+    frames = []
+    while len(data) >= 2:
+        opcode, length, data = data[0] & 0x0F, data[1] & 0x7F, data[2:]
+        if length >= 126:
+            size = 2 if length == 126 else 8
+            length, data = int.from_bytes(data[:size], "big"), data[size:]
+        frames.append((opcode, data[:length]))
+        data = data[length:]
+    return frames
+
+
+def close_code(sock: socket.socket) -> int | None:
+    """The code of the server's close frame, or None if the socket ended without one."""
+    closes = [payload for opcode, payload in server_frames(sock) if opcode == 0x8]
+    return struct.unpack(">H", closes[0][:2])[0] if closes else None
+
+
+def flood(sock: socket.socket, data: bytes, seconds: float) -> int:
+    """Send `data` over and over for `seconds` without reading; the bytes that went out."""
+    sock.settimeout(0.2)
+    sent, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            sent += sock.send(data)
+        except TimeoutError:
+            continue  # the server stopped reading: its buffers, not ours, are what is measured
+        except OSError:
+            break  # the server closed the connection
+    return sent
+
+
+def drip(sock: socket.socket, data: bytes, every: float) -> float:
+    """Send `data` one byte every `every` seconds (a slowloris) until the server closes; the seconds it took."""
+    started = time.monotonic()
+    sock.setblocking(False)
+    with contextlib.suppress(ConnectionError):
+        for byte in data:
+            with contextlib.suppress(BlockingIOError):  # nothing to read: still open
+                if sock.recv(1) == b"":
+                    break
+            sock.send(bytes([byte]))
+            time.sleep(every)  # the attack's own pace, not a wait for the server
+    return time.monotonic() - started
+
+
+LIFETIMES = {"connection-bound": {}, "resumable": {"SESSION_TTL": "", "RESUME_GRACE": ""}}  # "": the defaults
+
+
+RESTARTING = "The server is restarting; reconnect and ask again."
+
+
+# A frame over the hard cap is refused with close code 1009; other connections and the server are unharmed.
+def test_oversized_frame_closes_only_that_connection(server: Server) -> None:
+    with connect(server.ws_url) as other, connect(server.ws_url, max_size=None) as big:
+        big.send(json.dumps({"question": "z" * 20_000, "session_id": "big"}))
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            big.recv(timeout=5)
+        assert closed.value.rcvd.code == 1009
+        assert ask(other, "unharmed")[-1]["full_text"] == echo("unharmed")
+
+
+# A client pipelining HTTP requests for 10 s without reading its responses costs under 50 MB, and the memory
+# is back within 20 MB of where it started within 5 s of the client leaving (h11 stops reading while it waits).
+@slow
+def test_pipelining_flood(fresh: Server) -> None:
+    httpx.get(f"{fresh.http}/healthz")
+    before = fresh.memory_kib()
+    fresh.reset_peak()
+    with raw_connect(fresh.port) as sock:
+        sent = flood(sock, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 100, 10)
+        peak = fresh.memory_kib("VmHWM") - before
+        print(f"pipelining flood: {sent / 2**20:.1f} MiB sent, peak +{peak / 1024:.1f} MiB")
+        assert peak < 50 * MIB
+        assert fresh.health()["status"] == "ok"  # others are served meanwhile
+    wait_for(lambda: fresh.memory_kib() - before < 20 * MIB, 5, "the memory to come back")
+    print(f"pipelining flood: {(fresh.memory_kib() - before) / 1024:.1f} MiB above the start after it")
+
+
+# A client sending pings without reading the pongs is closed by the frame budget within seconds, costing little
+# memory and CPU (the server stops reading it at once).
+def test_ping_flood(fresh: Server) -> None:
+    sock, status = handshake(fresh.port, headers=f"Authorization: Bearer {API_KEY}\r\n")
+    assert status == 101
+    before, cpu = fresh.memory_kib(), fresh.cpu_seconds()
+    fresh.reset_peak()
+    with sock:
+        started = time.monotonic()
+        sent = flood(sock, client_frame(0x9, b"p" * 125) * 50, 15)
+        assert time.monotonic() - started < 5  # the server closed the connection
+    peak, cpu = fresh.memory_kib("VmHWM") - before, fresh.cpu_seconds() - cpu
+    print(f"ping flood: {sent / 2**20:.1f} MiB sent, peak +{peak / 1024:.1f} MiB, {cpu:.2f} s of server CPU")
+    assert peak < 50 * MIB and cpu < 0.2
+    assert "closing a WebSocket that sent over MAX_FRAMES_PER_SECOND=20 frames" in fresh.log()
+
+
+# Frames beyond the per-connection budget (MAX_FRAMES_PER_SECOND, bursts of twice that) close the connection
+# with 1008 after at most the budget's worth of answers, within a second; a burst within it is answered in full.
+def test_frame_budget(server: Server) -> None:
+    with connect(server.ws_url) as ws:
+        for _ in range(30):
+            ws.send("{}")
+        assert [json.loads(ws.recv(timeout=5))["code"] for _ in range(30)] == ["invalid_request"] * 30
+        assert ask(ws, "within budget")[-1]["full_text"] == echo("within budget")
+    with connect(server.ws_url) as other:
+        flooder, status = handshake(server.port)
+        assert status == 101
+        with flooder:
+            flooder.sendall(client_frame(0x1, b"{}") * 1000)
+            started = time.monotonic()
+            frames = server_frames(flooder)
+            assert time.monotonic() - started < 3
+        assert frames[-1] == (0x8, struct.pack(">H", 1008) + b"too many frames")
+        assert len(frames) - 1 <= 40 and all(json.loads(data)["code"] == "invalid_request" for _, data in frames[:-1])
+        assert ask(other, "unaffected")[-1]["full_text"] == echo("unaffected")
+
+
+# A client that stops reading mid-answer is closed after SEND_TIMEOUT: its slot, connection and session are freed,
+# its Bedrock stream is closed, and a new client is served; the stall costs bounded memory.
+@slow
+def test_client_that_stops_reading(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {"SEND_TIMEOUT": "2", "MAX_CONCURRENT_STREAMS": "2", "BEDROCK_ENDPOINT_URL": bedrock.url}
+    with run_server(tmp_path, **settings) as server, contextlib.ExitStack() as stack:
+        before = server.memory_kib()
+        server.reset_peak()
+        for i in range(2):
+            bedrock.replies[f"never read {i}"] = Reply(tokens=["x" * 10_000] * 4096)  # more than all socket buffers
+            stalled = stack.enter_context(slow_reader(server))
+            stalled.send(json.dumps({"question": f"never read {i}", "session_id": f"stalled-{i}"}))
+        wait_for(lambda: server.health()["streams"] == 2, 5, "both answers to stream")
+        stalled_at = time.monotonic()
+        wait_for(lambda: server.health()["connections"] == 0, 10, "the stalled clients to be closed")
+        assert 2 <= time.monotonic() - stalled_at < 8
+        assert server.health() == {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0}
+        closed_at = time.monotonic()
+        for i in range(2):  # our own send failed, and the upstream was closed with it, at once
+            (call,) = bedrock.calls_for(f"never read {i}")
+            wait_for(lambda call=call: call.client_closed_at, 1, "the Bedrock stream to close")
+            assert call.client_closed_at < closed_at + 1 and not call.finished
+        print(f"two stalled clients: peak +{(server.memory_kib('VmHWM') - before) / 1024:.1f} MiB")
+        assert server.memory_kib("VmHWM") - before < 2 * 28 * MIB, (before, server.memory_kib("VmHWM"))  # two answers
+        with connect(server.ws_url) as ws:
+            assert ask(ws, "my turn")[-1]["full_text"] == echo("my turn")
+        assert "closing a WebSocket that read nothing for SEND_TIMEOUT=2s" in server.log()
+
+
+# A text frame that is not UTF-8 closes that connection with 1007 and one log line, not a traceback.
+def test_invalid_utf8_text_frame(server: Server) -> None:
+    sock, status = handshake(server.port)
+    assert status == 101
+    with sock:
+        sock.sendall(client_frame(0x1, b'{"question": "\xff\xfe"}'))
+        assert close_code(sock) == 1007
+    wait_for(lambda: "text frame that is not UTF-8" in server.log(), 5, "the log line")
+    assert "Invalid UTF-8 sequence" not in server.log()
+
+
+# MAX_CONNECTIONS refuses handshakes beyond it with HTTP 503 and one log line; a closed one makes room. Idle
+# WebSockets outlive REQUEST_TIMEOUT; TCP connections that send no request are closed after it.
+@slow
+def test_max_connections_and_silent_sockets(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    with (
+        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, MAX_CONNECTIONS=3) as server,
+        contextlib.ExitStack() as stack,
+    ):
+        first, *clients = [stack.enter_context(connect(server.ws_url)) for _ in range(3)]
+        sock, status = handshake(server.port)
+        sock.close()
+        assert status == 503 and "refused a WebSocket: MAX_CONNECTIONS=3 are open" in server.log()
+        first.close()
+        wait_for(lambda: server.health()["connections"] == 2, 5, "a free place")
+        clients.append(stack.enter_context(connect(server.ws_url)))
+        silent = [raw_connect(server.port) for _ in range(50)]
+        opened_at = time.monotonic()
+        with raw_connect(server.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") as dripping:
+            assert dripping.recv(4096).startswith(b"HTTP/1.1 200")
+            assert drip(dripping, b"GET /healthz HTTP/1.1\r\nX-Slow: " + b"a" * 100, 0.2) < 7
+        closed_after = time.monotonic() - opened_at
+        for sock in silent:
+            sock.settimeout(10)
+            assert sock.recv(1) == b""  # closed by the server
+            sock.close()
+        assert 4 < time.monotonic() - opened_at < 8 and 4 < closed_after < 8
+        for i, ws in enumerate(clients):
+            assert ask(ws, "still connected", f"c{i}")[-1]["full_text"] == echo("still connected")
+
+
+# 1,100 silent TCP connections against a server whose file limit is 1,024 lock nobody out for long: they are
+# closed after REQUEST_TIMEOUT and a real client is then served; the start-up log warns about the limit.
+@slow
+def test_silent_sockets_at_the_file_limit(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096:  # this test process holds the 1,100 sockets
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    with run_server(tmp_path, open_files=1024, BEDROCK_ENDPOINT_URL=bedrock.url) as server:
+        assert "open-file limit 1024 < 1320 needed at MAX_CONNECTIONS" in server.log()
+        silent = [raw_connect(server.port) for _ in range(1100)]
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    with connect(server.ws_url, open_timeout=5) as ws:
+                        assert ask(ws, "let me in")[-1]["full_text"] == echo("let me in")
+                        break
+                except (OSError, websockets.WebSocketException):  # refused, reset or closed at once
+                    assert time.monotonic() < deadline, "locked out"
+        finally:
+            for sock in silent:
+                sock.close()
+
+
+# Listening beyond loopback with no CHAT_API_KEY is allowed, but the log says so.
+def test_warning_when_open_to_the_network(tmp_path: Path) -> None:
+    with run_server(tmp_path, BEDROCK_MODEL_ID="offline", HOST="0.0.0.0") as server:
+        assert "listening on 0.0.0.0 without CHAT_API_KEY" in server.log()
+    with run_server(tmp_path, BEDROCK_MODEL_ID="offline") as server:
+        assert "without CHAT_API_KEY" not in server.log()
+
+
+# SIGTERM drains: /healthz says 503 "draining" and new handshakes get 503; an idle connection is closed with
+# 1012 at once; a new question gets "unavailable" (before "busy"); 20 answers in flight each run to their exact
+# end, then 1012; the process exits as soon as they are done.
+@pytest.mark.parametrize("lifetimes", LIFETIMES.values(), ids=LIFETIMES.keys())
+def test_sigterm_drains(tmp_path: Path, bedrock: FakeBedrock, lifetimes: dict) -> None:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **lifetimes) as server, contextlib.ExitStack() as stack:
+        idle = stack.enter_context(connect(server.ws_url))
+        clients = [stack.enter_context(connect(server.ws_url)) for _ in range(20)]
+        tokens = [f" d{i}" for i in range(30)]
+        for i, ws in enumerate(clients):
+            bedrock.replies[f"drain {i}"] = Reply(tokens=tokens, delay=0.05)
+            ws.send(json.dumps({"question": f"drain {i}", "session_id": f"d{i}"}))
+            assert json.loads(ws.recv(timeout=5))["type"] == "start"
+        server.process.send_signal(signal.SIGTERM)
+        signalled_at = time.monotonic()
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            idle.recv(timeout=5)
+        assert closed.value.rcvd.code == 1012 and time.monotonic() - signalled_at < 1
+        response = httpx.get(f"{server.http}/healthz")
+        assert response.status_code == 503 and response.json()["status"] == "draining"
+        sock, status = handshake(server.port)
+        sock.close()
+        assert status == 503
+        clients[0].send(json.dumps({"question": "one more", "session_id": "d0"}))
+        for i, ws in enumerate(clients):
+            frames = [json.loads(ws.recv(timeout=5)) for _ in range(31 + (i == 0))]
+            if i == 0:
+                refused = {"type": "error", "session_id": "d0", "code": "unavailable", "message": RESTARTING}
+                assert refused in frames
+                frames.remove(refused)
+            received = [f["text"] for f in frames if f["type"] == "token"]
+            assert received == tokens[-len(received) :] and frames[-1]["full_text"] == "".join(tokens)
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                ws.recv(timeout=5)
+            assert closed.value.rcvd.code == 1012
+        assert server.process.wait(timeout=10) == -signal.SIGTERM  # uvicorn re-raises the signal once it is done
+        assert time.monotonic() - signalled_at < 5  # 30 tokens, 50 ms apart: 1.5 s at most, then out
+        assert "Application shutdown complete." in server.log()
+    assert not bedrock.calls_for("one more")
+
+
+# After DRAIN_TIMEOUT, an answer still streaming is cut: its client gets 1012, its Bedrock stream is closed, and
+# the process exits within DRAIN_TIMEOUT + 5 s.
+@pytest.mark.parametrize("lifetimes", LIFETIMES.values(), ids=LIFETIMES.keys())
+def test_sigterm_drain_timeout(tmp_path: Path, bedrock: FakeBedrock, lifetimes: dict) -> None:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, DRAIN_TIMEOUT=1, **lifetimes) as server:
+        with connect(server.ws_url) as ws:
+            start_slow_answer(ws, bedrock, "longer than the drain", "long", tokens=1)
+            server.process.send_signal(signal.SIGTERM)
+            signalled_at = time.monotonic()
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while json.loads(ws.recv(timeout=10))["type"] == "token":
+                    pass
+            assert closed.value.rcvd.code == 1012 and 1 <= time.monotonic() - signalled_at < 3
+        assert server.process.wait(timeout=10) == -signal.SIGTERM and time.monotonic() - signalled_at < 6
+    call = bedrock.calls_for("longer than the drain")[-1]
+    assert call.client_closed_at and not call.finished
+
+
+# SIGTERM with resumable sessions: an answer streaming for no connection, or whose client leaves during the drain,
+# is stopped (nobody can resume it now), a resume gets "unavailable", and the process does not wait for
+# RESUME_GRACE.
+def test_sigterm_stops_detached_answers(tmp_path: Path, bedrock: FakeBedrock) -> None:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, SESSION_TTL=60, RESUME_GRACE=30) as server:
+        start = begin(server, bedrock, "nobody is listening", 400, 2, delay=0.05)[0]
+        bedrock.replies["stay for a bit"] = Reply(tokens=[f" s{i}" for i in range(40)], delay=0.05)
+        bedrock.replies["leave during the drain"] = Reply(tokens=[f" l{i}" for i in range(400)], delay=0.05)
+        with connect(server.ws_url) as ws, connect(server.ws_url) as leaver:
+            leaver.send(json.dumps({"question": "leave during the drain", "session_id": "leaver"}))
+            ws.send(json.dumps({"question": "stay for a bit", "session_id": "stay"}))
+            assert json.loads(ws.recv(timeout=5))["type"] == json.loads(leaver.recv(timeout=5))["type"] == "start"
+            server.process.send_signal(signal.SIGTERM)
+            wait_for(lambda: httpx.get(f"{server.http}/healthz").status_code == 503, 2, "the drain to start")
+            leaver.close()  # its answer has no one to wait for now
+            signalled_at = time.monotonic()
+            (call,) = bedrock.calls_for("nobody is listening")
+            wait_for(lambda: call.client_closed_at, 2, "the detached answer to stop")
+            ws.send(json.dumps({"type": "resume", "session_id": start["session_id"], "resume_token": "x"}))
+            frames = read_answer(ws)  # the tokens still coming, and the refusal
+            assert {
+                "type": "error",
+                "session_id": start["session_id"],
+                "code": "unavailable",
+                "message": RESTARTING,
+            } in frames
+            assert read_answer(ws)[-1]["full_text"] == "".join(f" s{i}" for i in range(40))
+        assert server.process.wait(timeout=10) == -signal.SIGTERM and time.monotonic() - signalled_at < 3
+    assert not call.finished
+
+
 # python chat_stream.py runs the module it was started as: it is never imported a second time by name.
 def test_module_imported_once(tmp_path: Path) -> None:
     with run_server(tmp_path, BEDROCK_MODEL_ID="offline", PYTHONVERBOSE="1") as server:
@@ -3127,10 +3176,3 @@ def test_workers(tmp_path: Path, bedrock: FakeBedrock) -> None:
         assert len([p for p in children if b"spawn_main" in (p / "cmdline").read_bytes()]) == 2
         with connect(server.ws_url) as ws:
             assert ask(ws, "two workers") == answer_frames("s1", echo_tokens("two workers"), 10)
-
-
-def parent_pid(proc: Path) -> int | None:
-    try:
-        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError):
-        return None
