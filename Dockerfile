@@ -10,7 +10,7 @@ COPY chat_stream.py .
 
 RUN useradd --system --uid 10001 --no-create-home chat
 USER 10001
-# Only the loopback Host names are served by default (DNS rebinding): behind a load balancer or as a sidecar,
+# Only localhost and IP addresses are served in Host by default (DNS rebinding): behind a load balancer or as a sidecar,
 # run with -e ALLOWED_HOSTS=<the names clients use>, and set CHAT_API_KEY.
 ENV HOST=0.0.0.0 PORT=8000 PYTHONUNBUFFERED=1
 EXPOSE 8000

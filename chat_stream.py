@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -85,8 +86,8 @@ from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import PrivateAttr, model_validator
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
@@ -203,7 +204,7 @@ if (GUARDRAIL_ID is None) != (GUARDRAIL_VERSION is None):
     raise BadSetting("set both GUARDRAIL_ID and GUARDRAIL_VERSION, or neither")
 CHAT_API_KEY = setting("CHAT_API_KEY", str, None)  # if set, handshakes need "Bearer <key>" or ?token=<key>
 ALLOWED_ORIGINS = setting("ALLOWED_ORIGINS", origins, frozenset())  # browser origins besides our own; "*" = any
-ALLOWED_HOSTS = setting("ALLOWED_HOSTS", hosts, ["127.0.0.1", "localhost", "[::1]"])  # Host headers served (DNS
+ALLOWED_HOSTS = setting("ALLOWED_HOSTS", hosts, ["localhost"])  # host names served besides IP addresses (DNS
 # rebinding); "*" = any
 MAX_CONNECTIONS = setting("MAX_CONNECTIONS", positive_int, 1000)  # open WebSockets per process; over it: HTTP 503
 SESSION_TTL = setting("SESSION_TTL", seconds, 900.0)  # seconds a session outlives its connection; 0 = dies with it
@@ -372,10 +373,13 @@ def halt(turn: Turn, why: str) -> bool:
 
 
 def stop(session: Session) -> bool:
-    """End the answer the session is streaming as a cancel does (its end frame still comes); False if none is here."""
+    """End the answer the session is streaming as a cancel does (its end frame still comes); False if none is read
+    here. An answer another process reads is stopped only for a connection here that holds the session: a copy left
+    detached here may be stale, the session held elsewhere since."""
     turn = session.pending
     if turn and turn.producer and turn.final is None:
-        STORE.cancel(turn)  # another process reads it: its end frame comes through the store
+        if session.owner is not None:
+            STORE.cancel(turn)  # its end frame comes through the store
         return False
     return turn is not None and halt(turn, "cancelled")
 
@@ -1013,18 +1017,23 @@ def is_unicode(text: str) -> bool:
         return False
 
 
-HOST_HEADER = re.compile(r"(?P<name>[a-z0-9._-]+|\[[a-f0-9:.]+\])(?::[0-9]{1,5})?")  # a name or [IPv6], a port
+HOST_HEADER = re.compile(r"(?P<name>[a-z0-9._-]+|\[(?P<ipv6>[a-f0-9:.]+)\])(?::[0-9]{1,5})?")  # name or [IPv6], port
 
 
-def host_allowed(ws: WebSocket) -> bool:
-    """The Host header names one of ALLOWED_HOSTS (DNS rebinding), as the app's TrustedHostMiddleware requires: checked
-    here too, so that the chat route refuses a rebinding wherever it is mounted, with or without that middleware."""
+def host_allowed(host: str) -> bool:
+    """A Host header the app serves (DNS rebinding): an IP address (a rebinding names a host), or a name ALLOWED_HOSTS
+    lists. The app checks every request (HostCheck), and the chat route every handshake again, wherever it is
+    mounted."""
     if "*" in ALLOWED_HOSTS:
         return True
-    if (host := HOST_HEADER.fullmatch(ws.headers.get("host", "").lower())) is None:
+    if (parsed := HOST_HEADER.fullmatch(host.lower())) is None:
         return False
-    name = host["name"]
-    return any(name == p or (p.startswith("*.") and name.endswith(p[1:])) for p in ALLOWED_HOSTS)
+    name = parsed["name"]
+    try:
+        ipaddress.ip_address(parsed["ipv6"] or name)
+        return True
+    except ValueError:
+        return any(name == p or (p.startswith("*.") and name.endswith(p[1:])) for p in ALLOWED_HOSTS)
 
 
 def handshake_allowed(ws: WebSocket) -> bool:
@@ -1040,7 +1049,7 @@ def handshake_allowed(ws: WebSocket) -> bool:
 
 
 async def chat(ws: WebSocket) -> None:
-    if not host_allowed(ws):
+    if not host_allowed(ws.headers.get("host", "")):
         await ws.send_denial_response(PlainTextResponse("Invalid host header", 400))
         return
     if not handshake_allowed(ws):
@@ -1227,11 +1236,25 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await STORE.close()  # after the last answer (a SIGTERM drain lets them finish): the last ones are written
 
 
+class HostCheck:
+    """The app's middleware: a request or handshake whose Host header it does not serve gets HTTP 400 (see
+    `host_allowed`), as Starlette's TrustedHostMiddleware answers it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket") and not host_allowed(Headers(scope=scope).get("host", "")):
+            await PlainTextResponse("Invalid host header", status_code=400)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 routes = [
     Route("/healthz", healthz),
     WebSocketRoute("/ws/chat/completions", chat),
 ]
-middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=ALLOWED_HOSTS, www_redirect=False)]
+middleware = [Middleware(HostCheck)]
 
 app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
 
@@ -2014,7 +2037,6 @@ app.router.routes.append(Route("/", page))
 # workers, and main
 
 import gc  # noqa: E402
-import ipaddress  # noqa: E402
 import resource  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -2047,7 +2069,7 @@ MAX_FRAME_BYTES = 12 * (MAX_QUESTION_CHARS + MAX_SESSION_ID_CHARS) + 1024  # lar
 # subtle: 12 bytes a character is the worst valid encoding, an astral character escaped as a surrogate pair
 REQUEST_TIMEOUT = 5  # seconds for a whole HTTP request, from the connection or the last response
 if not os.environ.get("ALLOWED_HOSTS", "").strip() and not is_address(HOST):
-    ALLOWED_HOSTS.append(HOST.lower())  # the default: the loopback names, and HOST when it is a name
+    ALLOWED_HOSTS.append(HOST.lower())  # the default: localhost, and HOST when it is a name (read at each request)
 
 
 class HideToken(logging.Filter):

@@ -1866,8 +1866,11 @@ HOSTS = {
     "loopback": ("127.0.0.1:{port}", 101),
     "localhost": ("localhost:{port}", 101),
     "ipv6 loopback": ("[::1]:{port}", 101),
+    "an IP address": ("10.11.12.13:{port}", 101),  # a probe's or a scraper's: a rebinding names a host
+    "an IPv6 address": ("[fd00::7]:{port}", 101),
     "rebinding": ("rebind.attacker.example:{port}", 400),
     "no port": ("rebind.attacker.example", 400),
+    "a bad port": ("localhost:x", 400),
 }
 
 
@@ -1909,7 +1912,7 @@ def test_api_key_not_logged(guarded: Server) -> None:
 
 
 # DNS rebinding: a Host that is not in ALLOWED_HOSTS gets HTTP 400, on the page and on the handshake, even with
-# an Origin on that same host; the default allows the loopback names.
+# an Origin on that same host; the default serves localhost and any IP address (a rebinding names a host).
 @pytest.mark.parametrize("host,status", HOSTS.values(), ids=HOSTS.keys())
 def test_allowed_hosts(server: Server, host: str, status: int) -> None:
     host = host.format(port=server.port)
@@ -1919,11 +1922,13 @@ def test_allowed_hosts(server: Server, host: str, status: int) -> None:
     assert httpx.get(f"{server.http}/", headers={"Host": host}).status_code == (200 if status == 101 else 400)
 
 
-# ALLOWED_HOSTS names the hosts served ("*" = any); the same-origin rule then holds for those hosts only.
+# ALLOWED_HOSTS names the hosts served besides IP addresses ("*" = any); the same-origin rule then holds for those
+# hosts only.
 def test_allowed_hosts_setting(bedrock: FakeBedrock, tmp_path: Path) -> None:
-    hosts = "chat.internal, *.example.org, 127.0.0.1"  # the tests reach /healthz on 127.0.0.1
+    hosts = "chat.internal, *.example.org"
     with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, ALLOWED_HOSTS=hosts) as s:
-        for host, status in [("chat.internal", 101), ("a.example.org", 101), ("localhost", 400), ("evil.net", 400)]:
+        served = [("chat.internal", 101), ("a.example.org", 101), ("localhost", 400), ("evil.net", 400)]
+        for host, status in [*served, ("192.0.2.8", 101), ("example.org", 400)]:
             sock, got = handshake(s.port, f"{host}:{s.port}", f"Origin: http://{host}:{s.port}\r\n")
             sock.close()
             assert got == status, host
@@ -2224,6 +2229,29 @@ def test_cancel_across_processes(pair: list[Server], bedrock: FakeBedrock) -> No
     (call,) = bedrock.calls_for("stop it from b")
     assert frames[-1]["stop_reason"] == "cancelled" and call.client_closed_at and not call.finished
     assert 4 <= len(frames[-1]["full_text"].split()) < 400
+
+
+# A copy left detached in a process stops nothing elsewhere: an answer read on A, followed on B, then read on A again
+# leaves B a stale copy of the session; B, at MAX_CONCURRENT_STREAMS, looks for a detached answer of its own to stop
+# and finds none (it used to publish a cancel for the stale copy, and A cut the answer its client was reading).
+def test_a_stale_copy_stops_nothing_elsewhere(store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, "REDIS_URL": store.url}
+    with (
+        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as a,
+        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **{**settings, "MAX_CONCURRENT_STREAMS": 1}) as b,
+    ):
+        start = begin(a, bedrock, "here, there, here", 150, 5, delay=0.02)[0]
+        with connect(b.ws_url) as ws:
+            assert resume(ws, start, turn_id=start["turn_id"], after=5) == resumed(start, "here, there, here")
+            assert json.loads(ws.recv(timeout=5))["seq"] == 6
+        wait_for(lambda: b.health()["detached"] == 1, 5, "B's copy to be left detached")
+        with connect(a.ws_url) as ws:
+            assert resume(ws, start, turn_id=start["turn_id"], after=6) == resumed(start, "here, there, here")
+            with connect(b.ws_url) as other, connect(b.ws_url) as third:
+                start_slow_answer(other, bedrock, "fill b", "fill-b")  # B's one stream
+                third.send(json.dumps({"question": "make room", "session_id": "room"}))
+                assert json.loads(third.recv(timeout=5))["code"] == "busy"  # nothing of B's own gives way
+            assert read_answer(ws) == whole_answer(start, [f" here{i}" for i in range(150)], 7)
 
 
 # A deploy: SIGTERM A while its client has moved to B; A reads the answer to its end for B (the drain waits for
