@@ -70,7 +70,7 @@ from botocore.exceptions import (
     SSOError,
     TokenRetrievalError,
 )
-from dotenv import load_dotenv
+from dotenv import dotenv_values
 from langchain_aws import ChatBedrockConverse
 from langchain_aws.chat_models.bedrock_converse import _messages_to_bedrock, _parse_stream_event
 from langchain_core.language_models import BaseChatModel
@@ -99,6 +99,15 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 T = TypeVar("T")
 
 
+DOTENV = dotenv_values(Path(__file__).with_name(".env"))  # a .env beside this module (none: empty)
+
+
+def environment(key: str) -> str:
+    """A variable of the environment, or else of the .env beside this module: read, not loaded, so that the process's
+    environment stays as it was (a host app's own .env, beside the module it lifted, included)."""
+    return os.environ[key] if key in os.environ else DOTENV.get(key) or ""
+
+
 class BadSetting(ValueError):
     """A setting the module cannot use. Raised while it is imported, so a host app gets a clear exception;
     `python chat_stream.py` prints it as one line (see `one_line`)."""
@@ -107,7 +116,7 @@ class BadSetting(ValueError):
 def early_line(message: str, level: str = "CRITICAL") -> str:
     """A line written before logging is set up (a bad setting, say): text, or one JSON object when LOG_FORMAT asks
     for JSON lines (read raw: it may be the bad setting)."""
-    if os.environ.get("LOG_FORMAT", "").strip().lower() != "json":
+    if environment("LOG_FORMAT").strip().lower() != "json":
         return f"chat_stream: {'warning: ' if level == 'WARNING' else ''}{message}"
     now = datetime.now(UTC).isoformat(timespec="milliseconds")
     return json.dumps({"time": now, "level": level, "logger": "chat_stream", "message": message})
@@ -123,12 +132,11 @@ def one_line(kind: type[BaseException], exc: BaseException, traceback: Any) -> N
 
 if __name__ == "__main__":  # only as a program: imported into another app, the module leaves the process alone
     sys.excepthook = one_line
-load_dotenv(Path(__file__).with_name(".env"))  # subtle: beside this module only; variables already set win
 
 
 def setting(key: str, cast: Callable[[str], T], default: T, secret: bool = False) -> T:
-    """One setting from the environment; unset or blank means the default."""
-    raw = os.environ.get(key, "").strip()
+    """One setting from the environment (or the .env); unset or blank means the default."""
+    raw = environment(key).strip()
     if not raw:
         return default
     try:
@@ -1319,7 +1327,8 @@ class RedisStore(Store):
 
     The reference's sessions stay the working copy in each process; Redis is what outlives a process. A session's key
     expires SESSION_TTL after its connection closed; while one holds it, it is renewed to SESSION_TTL
-    + 60 s every 30 s. A turn's expires SESSION_TTL + 60 s after its last write (and goes when it is delivered). A
+    + 60 s every 30 s. A turn's expires SESSION_TTL + 60 s after its last write (each write renews it), and goes once
+    it is delivered (the next write of the process reading it deletes it, should the settle have come first). A
     resume that takes a session from a connection publishes [session_id, claim] on chat:moved; a cancel of an answer
     read elsewhere, its turn_id on chat:cancel. Each process writes what it reads from Bedrock from one task, in one
     script call every FLUSH_EVERY. Standalone Redis only (or a primary endpoint): scripts touch several keys.
@@ -1358,20 +1367,25 @@ class RedisStore(Store):
         if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
         return 0"""
     FLUSH = """
-        local process, n = KEYS[#KEYS], #KEYS - 1
+        local process, n, ttl = KEYS[#KEYS], (#KEYS - 1) / 2, ARGV[1]
         for i = 1, n do
-            local a = (i - 1) * 6
-            if ARGV[a + 2] ~= '' then redis.call('XADD', KEYS[i], '*', 's', ARGV[a + 1], 't', ARGV[a + 2]) end
-            if ARGV[a + 3] ~= '' then
-                redis.call('XADD', KEYS[i], '*', 'f', ARGV[a + 3], 'k', ARGV[a + 4])
-                redis.call('SREM', process, ARGV[a + 6])
+            local turn, session, a = KEYS[2 * i - 1], KEYS[2 * i], 1 + (i - 1) * 5
+            if redis.call('HGET', session, 'turn') ~= ARGV[a + 5] then
+                redis.call('DEL', turn)  -- delivered (by any process) or its session gone: nothing to keep
+                redis.call('SREM', process, ARGV[a + 5])
+            else
+                if ARGV[a + 2] ~= '' then redis.call('XADD', turn, '*', 's', ARGV[a + 1], 't', ARGV[a + 2]) end
+                if ARGV[a + 3] ~= '' then
+                    redis.call('XADD', turn, '*', 'f', ARGV[a + 3], 'k', ARGV[a + 4])
+                    redis.call('SREM', process, ARGV[a + 5])
+                end
+                redis.call('PEXPIRE', turn, ttl)  -- in every call that writes it: no turn key lives without a TTL
             end
-            if ARGV[a + 5] ~= '0' then redis.call('PEXPIRE', KEYS[i], ARGV[a + 5]) end
         end
-        if ARGV[n * 6 + 1] ~= '0' then
-            for j = n * 6 + 2, #ARGV do redis.call('SADD', process, ARGV[j]) end
+        if ARGV[n * 5 + 2] ~= '0' then
+            for j = n * 5 + 3, #ARGV do redis.call('SADD', process, ARGV[j]) end
             redis.call('SADD', process, '.')
-            redis.call('PEXPIRE', process, ARGV[n * 6 + 1])
+            redis.call('PEXPIRE', process, ARGV[n * 5 + 2])
         end
         return n"""
     TOUCH = """
@@ -1402,7 +1416,8 @@ class RedisStore(Store):
         self.shared: weakref.WeakKeyDictionary[Turn, int] = weakref.WeakKeyDictionary()  # tokens written, by turn
         self.tasks: set[asyncio.Task[Any]] = set()  # the writer, the listener, followers and notices, until they end
         self.held_ttl = milliseconds(SESSION_TTL + 60)
-        self.live: set[Turn] = set()  # the turns this process reads whose final frame is not written yet
+        self.live: dict[Turn, str] = {}  # the turns this process reads whose final frame is not written yet, and
+        # their sessions' ids
         self.dirty: set[Turn] = set()  # the turns with tokens or a final frame to write
         self.wake = asyncio.Event()  # something to write
         self.beat_at = 0.0  # when the process's key is renewed next (loop time)
@@ -1467,7 +1482,7 @@ class RedisStore(Store):
                 self.unclaim(session)
                 return False
         self.attached[session.id] = session
-        self.live.add(turn)
+        self.live[turn] = session.id
         self.record(turn)  # the tokens read meanwhile
         return True
 
@@ -1564,14 +1579,13 @@ class RedisStore(Store):
         200 streams that costs a fifth of the CPU of a pipeline of XADDs (redis-py's packing of each command)."""
         turns, self.dirty = self.dirty, set()
         written = {turn: (len(turn.tokens), turn.final) for turn in turns}
-        keys, args = [], []
+        keys, args = [], [self.held_ttl]
         for turn, (count, final) in written.items():
             shared = self.shared.get(turn, 0)
             batch = json.dumps(turn.tokens[shared:count], ensure_ascii=False) if shared < count else ""
             end = "" if final is None else json.dumps(final, ensure_ascii=False)
-            renew = shared == 0 or final is not None or shared // 100 < count // 100  # first, last, and every 100
-            keys.append(self.turn_key(turn.id))  # tokens between
-            args += [shared + 1, batch, end, len(turn.context), self.held_ttl if renew else 0, turn.id]
+            keys += [self.turn_key(turn.id), self.session_key(self.live[turn])]
+            args += [shared + 1, batch, end, len(turn.context), turn.id]
         args.append(milliseconds(self.LEASE) if beat else 0)
         if beat:
             args += [turn.id for turn in self.live if written.get(turn, (0, None))[1] is None]
@@ -1585,7 +1599,7 @@ class RedisStore(Store):
         for turn, (count, final) in written.items():
             self.shared[turn] = count
             if final is not None:
-                self.live.discard(turn)
+                del self.live[turn]
 
     async def follow(self, session: Session, turn: Turn) -> Turn:
         """A turn that another process reads (or read): what was written so far, then a task that follows it."""
@@ -2041,6 +2055,7 @@ import resource  # noqa: E402
 import tempfile  # noqa: E402
 
 import uvicorn  # noqa: E402
+from dotenv import load_dotenv  # noqa: E402
 from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol  # noqa: E402
 
@@ -2068,7 +2083,8 @@ MAX_FRAMES_PER_SECOND = setting("MAX_FRAMES_PER_SECOND", positive_int, 20)  # pe
 MAX_FRAME_BYTES = 12 * (MAX_QUESTION_CHARS + MAX_SESSION_ID_CHARS) + 1024  # larger: closed with 1009 by uvicorn
 # subtle: 12 bytes a character is the worst valid encoding, an astral character escaped as a surrogate pair
 REQUEST_TIMEOUT = 5  # seconds for a whole HTTP request, from the connection or the last response
-if not os.environ.get("ALLOWED_HOSTS", "").strip() and not is_address(HOST):
+load_dotenv(Path(__file__).with_name(".env"))  # as a program, the .env is its environment: AWS_* in it reach boto3
+if not environment("ALLOWED_HOSTS").strip() and not is_address(HOST):
     ALLOWED_HOSTS.append(HOST.lower())  # the default: localhost, and HOST when it is a name (read at each request)
 
 

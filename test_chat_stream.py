@@ -1945,13 +1945,15 @@ def test_allowed_hosts_setting(bedrock: FakeBedrock, tmp_path: Path) -> None:
 
 
 # The cut imports nothing of the layers (no redis, prometheus_client, h11 or uvicorn's protocol classes), and
-# importing it leaves the host process alone: its GC, its logging, its excepthook, and a .env in a folder above.
-# A bad setting is a clear exception the host can catch, not an exit.
+# importing it leaves the host process alone: its GC, its logging, its excepthook, its environment (the .env beside
+# the module is read for its settings, not loaded; one in a folder above is not read). A bad setting is a clear
+# exception the host can catch, not an exit.
 def test_the_reference_imports_alone(tmp_path: Path) -> None:
     folder = tmp_path / "app"
     folder.mkdir()
     cut = cut_reference(folder)
     (tmp_path / ".env").write_text("TEMPERATURE=0.9\n")  # a folder above the module's
+    (folder / ".env").write_text("MAX_HISTORY_MESSAGES=7\nHOST_APP_SECRET=the host's own\n")  # the host app's, say
     imports = {
         alias.name if isinstance(node, ast.Import) else node.module
         for node in ast.walk(ast.parse(cut.read_text()))
@@ -1960,16 +1962,16 @@ def test_the_reference_imports_alone(tmp_path: Path) -> None:
     }
     assert not {i for i in imports if i.split(".")[0] in ("redis", "prometheus_client", "h11", "uvicorn")}, imports
     script = """
-import gc, logging, sys
-before = (gc.get_threshold(), gc.get_freeze_count(), logging.root.handlers[:], sys.excepthook)
+import gc, logging, os, sys
+before = (gc.get_threshold(), gc.get_freeze_count(), logging.root.handlers[:], sys.excepthook, dict(os.environ))
 import chat_reference
-after = (gc.get_threshold(), gc.get_freeze_count(), logging.root.handlers[:], sys.excepthook)
+after = (gc.get_threshold(), gc.get_freeze_count(), logging.root.handlers[:], sys.excepthook, dict(os.environ))
 layers = sorted(m for m in sys.modules if m.split(".")[0] in ("redis", "prometheus_client") or m.startswith("uvicorn"))
-print(before == after, chat_reference.TEMPERATURE, layers)
+print(before == after, chat_reference.TEMPERATURE, chat_reference.MAX_HISTORY_MESSAGES, layers)
 """
     run = partial(subprocess.run, cwd=folder, capture_output=True, text=True, timeout=60)
-    result = run([sys.executable, "-c", script], env=server_env(BEDROCK_MODEL_ID="offline"))
-    assert result.stdout.split("\n") == ["True 0.3 []", ""], result.stderr
+    result = run([sys.executable, "-c", script], env=server_env(BEDROCK_MODEL_ID="offline", MAX_HISTORY_MESSAGES=None))
+    assert result.stdout.split("\n") == ["True 0.3 7 []", ""], result.stderr  # the environment unchanged too
     catch = "import chat_reference\nexcept ValueError as exc:\n    print(type(exc).__name__, exc)"
     result = run([sys.executable, "-c", f"try:\n    {catch}"], env=server_env(MAX_TOKENS="lots"))
     assert (result.returncode, result.stdout) == (
@@ -2400,6 +2402,33 @@ def test_keys_expire(own_store: RedisServer, bedrock: FakeBedrock, tmp_path: Pat
         assert len(client.keys("chat:process:*")) == 2 and client.pttl(held_key) > 0
         held.close()
         wait_for(lambda: client.dbsize() == 2, 5, "the held session's key to go SESSION_TTL after its connection")
+
+
+# A delivered answer leaves no turn key behind, whichever process delivers it, an error as much as an end; and every
+# key a process writes has a TTL, even when it is SIGKILLed mid-answer.
+def test_turn_keys_go_with_delivery(own_store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, "REDIS_URL": own_store.url}
+    with (
+        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as a,
+        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as b,
+        redis.Redis.from_url(own_store.url) as client,
+    ):
+        bedrock.replies["delivered as an error"] = Reply(tokens=["a"], exception="modelStreamErrorException")
+        with connect(a.ws_url) as ws:
+            for i in range(10):
+                assert ask(ws, f"delivered {i}", "keys")[-1]["type"] == "end"
+            assert ask(ws, "delivered as an error", "keys")[-1]["code"] == "model_error"
+        start = begin(a, bedrock, "delivered on b", 30, 3, delay=0.02)[0]
+        with connect(b.ws_url) as ws:
+            assert follow(ws, start, 3)[-1]["type"] == "end"
+        wait_for(lambda: not client.keys("chat:turn:*"), 2, "the delivered answers' turn keys to go")
+        begin(b, bedrock, "killed mid-answer", 200, 3, delay=0.02)
+        os.killpg(b.process.pid, signal.SIGKILL)
+        b.process.wait()
+        keys = client.keys("chat:*")
+        assert client.keys("chat:turn:*") and all(client.pttl(key) > 0 for key in keys), {
+            k: client.pttl(k) for k in keys
+        }
 
 
 # --- metrics and JSON logs: /metrics read with prometheus-client's own parser; every line one JSON object
