@@ -219,12 +219,24 @@ def short_lived_redis(bedrock: FakeBedrock, store: RedisServer, tmp_path_factory
         yield s
 
 
+@contextlib.contextmanager
+def run_reference(tmp_path: Path, **settings: Any) -> Iterator[Server]:
+    """The reference cut out alone (see cut_reference), on plain uvicorn, with these settings."""
+    with run_server(tmp_path, cut_reference(tmp_path), app="chat_reference:app", **settings) as s:
+        yield s
+
+
 @pytest.fixture(scope="module")
 def resumable_reference(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp_path = tmp_path_factory.mktemp("reference")
     settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10}
-    with run_server(tmp_path, cut_reference(tmp_path), app="chat_reference:app", BEDROCK_ENDPOINT_URL=bedrock.url,
-                    **settings) as s:  # fmt: skip
+    with run_reference(tmp_path_factory.mktemp("reference"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def short_lived_reference(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    settings = {**DEFAULTS, "SESSION_TTL": 3, "RESUME_GRACE": 1, "MAX_HISTORY_MESSAGES": 10}
+    with run_reference(tmp_path_factory.mktemp("short"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
         yield s
 
 
@@ -246,7 +258,7 @@ def resumable_layered(request: pytest.FixtureRequest, bedrock: FakeBedrock) -> S
     return request.getfixturevalue(f"resumable_{request.param}")
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "reference"])
 def short_lived(request: pytest.FixtureRequest, bedrock: FakeBedrock) -> Server:
     bedrock.calls.clear()
     return request.getfixturevalue(f"short_lived_{request.param}")
@@ -2025,7 +2037,7 @@ def test_the_reference_serves_the_protocol(resumable_reference: Server, bedrock:
 # The cut answers with the offline model too, with no AWS call.
 def test_the_reference_offline(tmp_path: Path, bedrock: FakeBedrock) -> None:
     before = len(bedrock.calls)
-    with run_server(tmp_path, cut_reference(tmp_path), app="chat_reference:app", BEDROCK_MODEL_ID="offline") as s:
+    with run_reference(tmp_path, BEDROCK_MODEL_ID="offline") as s:
         with connect(s.ws_url) as ws:
             assert ask(ws, "hi")[-1]["full_text"] == "This is the offline demo model, so I can only echo. You asked: hi"
     assert len(bedrock.calls) == before
