@@ -615,6 +615,14 @@ def parent_pid(proc: Path) -> int | None:
         return None
 
 
+def serving(ws: ClientConnection, workers: list[Path]) -> Path:
+    """The worker process that holds the server's end of this client's connection (read from /proc)."""
+    port = ws.socket.getsockname()[1]
+    tables = [Path(f"/proc/net/{t}").read_text().splitlines()[1:] for t in ("tcp", "tcp6")]
+    (inode,) = {f[9] for table in tables for f in map(str.split, table) if int(f[2].rsplit(":", 1)[1], 16) == port}
+    return next(w for w in workers if f"socket:[{inode}]" in {os.readlink(fd) for fd in (w / "fd").iterdir()})
+
+
 # --- settings: read once at start-up; a bad one stops it with one line, and a .env beside the module is read
 
 
@@ -2585,9 +2593,13 @@ def test_metrics_across_workers(bedrock: FakeBedrock, tmp_path: Path) -> None:
         for _ in range(6):  # each scrape is answered by either worker
             assert by(scrape(server)["chat_stream_answers_total"], "outcome")["end"] == 20
             assert sum(scrape(server)["gen_ai_client_operation_duration_seconds_count"].values()) == 20
-        for ws in clients[10:]:
-            ws.close()  # on both workers, surely: the gauges of both must follow
-        clients = clients[:10]
+        workers_of = [serving(ws, workers) for ws in clients]
+        assert set(workers_of) == set(workers), "the kernel gave all 20 clients to one worker"
+        first_on_each = [workers_of.index(w) for w in workers]  # so that both workers keep clients
+        kept = [*first_on_each, *[i for i in range(20) if i not in first_on_each]][:10]
+        for i in set(range(20)) - set(kept):
+            clients[i].close()  # on both workers: the gauges of both must follow
+        clients = [clients[i] for i in kept]
         pinned = stack.enter_context(httpx.Client())  # one kept-alive connection: always the same worker answers
         counted = lambda client: [sum(scrape(server, client)[f"chat_stream_{n}"].values()) for n in GAUGED]  # noqa: E731
         wait_for(lambda: counted(pinned) == [10, 20, 0], 5, "the other worker's gauges")  # sessions: SESSION_TTL
