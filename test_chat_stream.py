@@ -171,6 +171,10 @@ DEFAULTS = {
 }
 
 
+RESUMABLE = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10}  # sessions outlive their connections
+SHORT_LIVED = {**DEFAULTS, "SESSION_TTL": 3, "RESUME_GRACE": 1, "MAX_HISTORY_MESSAGES": 10}  # and expire soon
+
+
 @pytest.fixture(scope="session")
 def server(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with run_server(tmp_path_factory.mktemp("server"), BEDROCK_ENDPOINT_URL=bedrock.url, **DEFAULTS) as s:
@@ -193,28 +197,28 @@ def small_model() -> Iterator[FakeBedrock]:
 
 @pytest.fixture(scope="module")
 def resumable_memory(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10}
+    settings = RESUMABLE
     with run_server(tmp_path_factory.mktemp("resumable"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def resumable_redis(bedrock: FakeBedrock, store: RedisServer, tmp_path_factory: pytest.TempPathFactory):
-    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, "REDIS_URL": store.url}
+    settings = {**RESUMABLE, "REDIS_URL": store.url}
     with run_server(tmp_path_factory.mktemp("resumable"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def short_lived_memory(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    settings = {**DEFAULTS, "SESSION_TTL": 3, "RESUME_GRACE": 1, "MAX_HISTORY_MESSAGES": 10}
+    settings = SHORT_LIVED
     with run_server(tmp_path_factory.mktemp("short"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def short_lived_redis(bedrock: FakeBedrock, store: RedisServer, tmp_path_factory: pytest.TempPathFactory):
-    settings = {**DEFAULTS, "SESSION_TTL": 3, "RESUME_GRACE": 1, "MAX_HISTORY_MESSAGES": 10, "REDIS_URL": store.url}
+    settings = {**SHORT_LIVED, "REDIS_URL": store.url}
     with run_server(tmp_path_factory.mktemp("short"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
         yield s
 
@@ -228,14 +232,14 @@ def run_reference(tmp_path: Path, **settings: Any) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def resumable_reference(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10}
+    settings = RESUMABLE
     with run_reference(tmp_path_factory.mktemp("reference"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def short_lived_reference(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    settings = {**DEFAULTS, "SESSION_TTL": 3, "RESUME_GRACE": 1, "MAX_HISTORY_MESSAGES": 10}
+    settings = SHORT_LIVED
     with run_reference(tmp_path_factory.mktemp("short"), BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as s:
         yield s
 
@@ -281,7 +285,7 @@ own_store = pytest.fixture(redis_server, name="own_store")  # a test's own, to s
 @pytest.fixture(scope="module")
 def pair(store: RedisServer, bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
     """Two server processes sharing one Redis: a client dropped by one resumes on the other."""
-    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, "REDIS_URL": store.url}
+    settings = {**RESUMABLE, "REDIS_URL": store.url}
     with contextlib.ExitStack() as stack:
         yield [
             stack.enter_context(run_server(tmp_path_factory.mktemp(name), BEDROCK_ENDPOINT_URL=bedrock.url, **settings))
@@ -2257,7 +2261,7 @@ def test_cancel_across_processes(pair: list[Server], bedrock: FakeBedrock) -> No
 # leaves B a stale copy of the session; B, at MAX_CONCURRENT_STREAMS, looks for a detached answer of its own to stop
 # and finds none (it used to publish a cancel for the stale copy, and A cut the answer its client was reading).
 def test_a_stale_copy_stops_nothing_elsewhere(store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
-    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, "REDIS_URL": store.url}
+    settings = {**RESUMABLE, "REDIS_URL": store.url}
     with (
         run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as a,
         run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **{**settings, "MAX_CONCURRENT_STREAMS": 1}) as b,
@@ -2279,7 +2283,7 @@ def test_a_stale_copy_stops_nothing_elsewhere(store: RedisServer, bedrock: FakeB
 # A deploy: SIGTERM A while its client has moved to B; A reads the answer to its end for B (the drain waits for
 # it), then exits; B's client gets every token once.
 def test_sigterm_while_the_client_is_elsewhere(store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
-    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, "REDIS_URL": store.url}
+    settings = {**RESUMABLE, "REDIS_URL": store.url}
     with (
         run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as a,
         run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as b,
@@ -2299,7 +2303,7 @@ def test_sigterm_while_the_client_is_elsewhere(store: RedisServer, bedrock: Fake
 # SIGKILL A mid-answer: B's client gets unavailable, with the turn's id, within a few seconds; the session goes
 # on, and the interrupted turn is not in the history sent upstream.
 def test_sigkill_mid_answer(store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
-    settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, "REDIS_URL": store.url}
+    settings = {**RESUMABLE, "REDIS_URL": store.url}
     with (
         run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as a,
         run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as b,
