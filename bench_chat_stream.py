@@ -14,7 +14,9 @@ The same again with sessions on Redis (REDIS_URL, one local redis-server, whose 
 chat_stream process; "redis x2" is two, each client asking one of them and resuming on the other. And the same
 load against "plain": a server written the way langchain-aws's documentation leads to (ChatBedrockConverse.astream
 forwarded to the socket, the library's defaults). What the metrics cost: chat_stream with them and with METRICS=off,
-both running, their rounds at N=200 taken in turn. A round that needs more than ROUND_LIMIT seconds is stopped.
+both running, their rounds at N=200 taken in turn. What a hostile client costs the others: 20 victims' token gaps
+while 8 clients scrape /metrics in a loop, or 12 resume a long conversation in a loop. A round that needs more
+than ROUND_LIMIT seconds is stopped.
 Writes a table to stdout, and docs/bench.json and docs/bench.png.
 """
 
@@ -232,7 +234,7 @@ async def one_resume(urls: list[str], i: int, go: asyncio.Event, ready: asyncio.
         sent = time.perf_counter()
         resume = {"type": "resume", "session_id": start["session_id"], "resume_token": start["resume_token"]}
         await ws.send(json.dumps({**resume, "turn_id": start["turn_id"], "after": SEEN}))
-        frames = []
+        frames, first_token = [], None
         while not frames or frames[-1]["type"] not in ("end", "error"):
             frames.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
             if len(frames) == 2:
@@ -319,6 +321,93 @@ def metrics_cost(bedrock_url: str, n: int, rounds: int) -> list[dict[str, Any]]:
 METRICS_KINDS = {"metrics on": "on", "metrics off": "off"}  # chat_stream, with METRICS set so
 
 
+# --- what a hostile client costs the others: a victim's token gaps while 8 clients scrape /metrics in a loop, or 12
+# resume a long conversation in a loop (each within MAX_FRAMES_PER_SECOND)
+
+
+def scrape_flood(port: int, seconds: float) -> None:
+    """One scraper, in a process of its own: GET /metrics over one kept-alive connection, as fast as answered."""
+    import http.client
+
+    connection, deadline = http.client.HTTPConnection("127.0.0.1", port), time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        connection.request("GET", "/metrics")
+        connection.getresponse().read()
+
+
+async def resume_flood(url: str, start: dict[str, Any], seconds: float) -> int:
+    """One client resuming the session `start` opened, 19 times a second, reading every reply; returns the replies."""
+    frame = json.dumps({"type": "resume", "session_id": start["session_id"], "resume_token": start["resume_token"]})
+    replies, deadline = 0, time.monotonic() + seconds
+    async with websockets.connect(url, compression=None, max_size=None) as ws:
+
+        async def read() -> None:
+            nonlocal replies
+            async for _ in ws:
+                replies += 1
+
+        reader = asyncio.create_task(read())
+        while time.monotonic() < deadline:
+            await ws.send(frame)
+            await asyncio.sleep(1 / 19)
+        reader.cancel()
+    return replies
+
+
+async def long_conversation(url: str) -> dict[str, Any]:
+    """A session of 8 turns of 30,000 four-byte characters each way: its resumed frame is ~1.9 MB."""
+    starts = []
+    async with websockets.connect(url, compression=None, max_size=None) as ws:
+        for i in range(8):
+            await ws.send(json.dumps({"question": chr(0x1F300 + i) * 30_000, "session_id": "long"}))
+            starts.append(json.loads(await ws.recv()))
+            while json.loads(await ws.recv())["type"] not in ("end", "error"):
+                pass
+    return starts[0]
+
+
+def abuse_cost(bedrock_url: str, n: int, rounds: int) -> list[dict[str, Any]]:
+    """Rows of `n` victims' answers (and the server's CPU per token) quiet, under a scrape flood, under a resume
+    flood."""
+    process, port = start_server("chat_stream", bedrock_url, SESSION_TTL=60)
+    url = f"ws://127.0.0.1:{port}/ws/chat/completions"
+    rows = []
+    try:
+        asyncio.run(one_round([url], 10, [process.pid]))  # warm up
+        start = asyncio.run(long_conversation(url))
+        for kind in ("quiet", "8 scrapers", "12 resumers"):
+            results, cpu, extra = [], 0.0, ""
+            for _ in range(rounds):
+                if kind == "8 scrapers":
+                    spawn = multiprocessing.get_context("spawn")
+                    flood = [spawn.Process(target=scrape_flood, args=(port, 2.5)) for _ in range(8)]
+                    for p in flood:
+                        p.start()
+                    time.sleep(0.5)  # scraping at full speed
+                    r, c = asyncio.run(one_round([url], n, [process.pid]))
+                    for p in flood:
+                        p.join()
+                elif kind == "12 resumers":
+
+                    async def both() -> tuple[Any, list[int]]:
+                        floods = [asyncio.create_task(resume_flood(url, start, 2.5)) for _ in range(12)]
+                        await asyncio.sleep(0.5)
+                        return await one_round([url], n, [process.pid]), await asyncio.gather(*floods)
+
+                    (r, c), replies = asyncio.run(both())
+                    extra = f"; {sum(replies) / 2.5:.0f} resumed frames a second answered"
+                else:
+                    r, c = asyncio.run(one_round([url], n, [process.pid]))
+                results += r
+                cpu += c
+            rows.append(row_of(f"abuse: {kind}", n, results, cpu))
+            print(format_row(rows[-1]) + extra, flush=True)
+    finally:
+        process.terminate()
+        process.wait()
+    return rows
+
+
 def measure(
     kind: str, bedrock_url: str, ns: list[int], rounds: int, resumes: int = 0, servers: int = 1
 ) -> list[dict[str, Any]]:
@@ -347,7 +436,7 @@ def measure(
             print(format_row(rows[-1]), flush=True)
         if resumes:  # clients that lost their connection mid-answer, all resuming at the same moment
             results = [r for _ in range(rounds) for r in asyncio.run(resume_round(urls, resumes))]
-            waits = [r["first_token"] for r in results]
+            waits = [r["first_token"] for r in results if r["first_token"] is not None]
             row = {
                 "server": kind,
                 "resuming": resumes,
@@ -465,6 +554,7 @@ def main() -> None:
     parser.add_argument("--redis", type=int, nargs="*", default=[1, 50, 100, 200], help="concurrencies on Redis")
     parser.add_argument("--redis-x2", type=int, nargs="*", default=[200, 400], help="the same, on two processes")
     parser.add_argument("--metrics-cost", type=int, default=200, help="N for metrics on vs METRICS=off (0: skip)")
+    parser.add_argument("--abuse", type=int, default=20, help="victims under a scrape and a resume flood (0: skip)")
     parser.add_argument("--out", type=Path, default=HERE / "docs", help="folder for bench.json and bench.png")
     args = parser.parse_args()
 
@@ -480,6 +570,8 @@ def main() -> None:
         rows += measure("redis x2", bedrock_url, args.redis_x2, args.rounds, args.resuming, servers=2)
     if args.metrics_cost:
         rows += metrics_cost(bedrock_url, args.metrics_cost, args.rounds + 2)
+    if args.abuse:
+        rows += abuse_cost(bedrock_url, args.abuse, args.rounds)
     if not args.no_baseline:
         rows += measure("baseline", bedrock_url, args.n, args.rounds)
     if not args.no_plain:

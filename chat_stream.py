@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import hmac
 import ipaddress
 import json
@@ -217,7 +218,11 @@ ALLOWED_HOSTS = setting("ALLOWED_HOSTS", hosts, ["localhost"])  # host names ser
 MAX_CONNECTIONS = setting("MAX_CONNECTIONS", positive_int, 1000)  # open WebSockets per process; over it: HTTP 503
 SESSION_TTL = setting("SESSION_TTL", seconds, 900.0)  # seconds a session outlives its connection; 0 = dies with it
 RESUME_GRACE = min(setting("RESUME_GRACE", seconds, 30.0), SESSION_TTL)  # seconds an answer streams on, unread
-MAX_SESSIONS = setting("MAX_SESSIONS", positive_int, 10_000)  # per process; when full the oldest detached one goes
+MAX_SESSIONS = setting("MAX_SESSIONS", positive_int, 10_000)  # per process; when full, detached ones go (see shed)
+MAX_SESSION_MEMORY_MB = setting("MAX_SESSION_MEMORY_MB", positive_int, 1024)  # what sessions may hold per process
+# (histories and undelivered answers, as stored); when full, detached ones go; if none is left: "busy"
+MAX_DETACHED_PER_CLIENT = setting("MAX_DETACHED_PER_CLIENT", positive_int, max(64, MAX_SESSIONS // 10))  # sessions
+# one address leaves waiting for a resume; past it, its own go (the emptiest, then the oldest)
 MAX_SESSION_ID_CHARS = 128
 MAX_SESSIONS_PER_CONNECTION = 4  # with MAX_HISTORY_TOKENS, bounds what one connection holds (README: limits)
 
@@ -236,6 +241,8 @@ class Turn:
     id: str
     question: str
     producer: str | None = None  # the process reading it from Bedrock, when not this one (a shared store's)
+    bytes: int = 0  # what it holds as stored: its question, tokens and final text (see grow)
+    counted: bool = False  # its bytes are in MEMORY (it is the pending turn of a session held here)
     tokens: list[str] = field(default_factory=list)  # every token so far
     context: list[BaseMessage] = field(default_factory=list)  # the history sent with the question
     first_token_at: float | None = None  # time.perf_counter() when the first token arrived
@@ -255,10 +262,13 @@ class Session:
     history: list[BaseMessage] = field(default_factory=list)  # whole user/assistant turns, oldest first
     pending: Turn | None = None  # the turn whose final frame has not been delivered
     timers: list[asyncio.TimerHandle] = field(default_factory=list)  # while detached: grace, then expiry
+    client: str = ""  # the address of the connection that last held it (see client_of)
+    bytes: int = 0  # what its history holds, as stored (see weigh)
 
 
 SESSIONS: dict[str, Session] = {}  # at most MAX_SESSIONS; leave on end_session, expiry (SESSION_TTL) or eviction
 DETACHED: dict[str, Session] = {}  # the sessions with no connection, least recently detached first
+WAITING: dict[str, dict[str, Session]] = {}  # the same, by client: at most MAX_DETACHED_PER_CLIENT each
 CONNECTIONS: dict[WebSocket, asyncio.Task[None] | None] = {}  # open chat sockets and the turn each is sending
 # (None: idle), at most MAX_CONNECTIONS; each leaves in its handler's `finally`
 STREAMS: set[Turn] = set()  # answers whose Bedrock stream is open; at most MAX_CONCURRENT_STREAMS (an answer being
@@ -268,31 +278,136 @@ DRAINING = asyncio.Event()  # set to stop taking work (a drain on SIGTERM does):
 WINDOW = 64  # tokens an answer may read ahead of a connection that reads slowly; then Bedrock's stream waits
 
 
-def admit() -> bool:
-    """Room for one more session: when MAX_SESSIONS are held, the least recently detached one goes (a shared store
-    keeps it); False if they are all attached."""
-    if len(SESSIONS) < MAX_SESSIONS:
-        return True
-    if not DETACHED:
-        return False
-    drop(next(iter(DETACHED.values())))
-    return True
+class Memory:
+    """The bytes the sessions held here take, as stored: their histories, and their pending turns (question, tokens,
+    final text). Counted as they change, never summed, against MAX_SESSION_MEMORY_MB."""
+
+    limit = MAX_SESSION_MEMORY_MB * 2**20
+    used = 0
 
 
-def new_session(session_id: str | None, ws: WebSocket) -> Session | None:
-    """A session attached to `ws` (an id is minted if the client gave none); None if MAX_SESSIONS are all attached."""
-    if not admit():
-        return None
-    session = Session(session_id or secrets.token_urlsafe(16), ws)
+MEMORY = Memory()
+MESSAGE_BYTES = 900  # a LangChain message around its text, measured with tracemalloc
+ANSWER_BYTES = 64 * MAX_TOKENS  # what a new turn must find room for: its answer, at a typical token's 64 bytes
+
+
+def weigh(history: list[BaseMessage]) -> int:
+    return sum(sys.getsizeof(m.content) + MESSAGE_BYTES for m in history)
+
+
+def grow(turn: Turn, text: str) -> None:
+    """A token (or the final text) joined the turn: count it, and make room if the sessions pass the budget."""
+    size = sys.getsizeof(text) + 8  # the string and its slot in the list
+    turn.bytes += size
+    if turn.counted:
+        MEMORY.used += size
+        if MEMORY.used > MEMORY.limit:
+            shed()
+
+
+def count(turn: Turn | None, counted: bool) -> None:
+    """The turn starts (`counted`) or stops being one that a session held here is waiting for."""
+    if turn is not None and turn.counted != counted:
+        turn.counted = counted
+        MEMORY.used += turn.bytes if counted else -turn.bytes
+
+
+def keep(session: Session) -> None:
+    """Hold the session here (counted)."""
     SESSIONS[session.id] = session
+    session.bytes = weigh(session.history)
+    MEMORY.used += session.bytes
+    count(session.pending, True)
+
+
+def rewrite(session: Session, history: list[BaseMessage]) -> None:
+    """The session's history is `history` from now on."""
+    if SESSIONS.get(session.id) is session:
+        MEMORY.used -= session.bytes
+        MEMORY.used += (size := weigh(history))
+    else:
+        size = weigh(history)
+    session.history, session.bytes = history, size
+
+
+def room(sessions: int, more: int) -> str | None:
+    """Room for `sessions` more sessions and `more` bytes, or why not: when MAX_SESSIONS or the memory budget would
+    be passed, detached sessions go (see shed); "sessions_full" if that is not enough."""
+    if len(SESSIONS) + sessions > MAX_SESSIONS or MEMORY.used + more > MEMORY.limit:
+        shed(sessions, more)
+    if len(SESSIONS) + sessions > MAX_SESSIONS:
+        return "sessions_full"
+    return "memory_full" if MEMORY.used + more > MEMORY.limit else None
+
+
+def shed(sessions: int = 0, more: int = 0) -> None:
+    """Detached sessions go until `sessions` more and `more` bytes fit, with a twentieth of each limit to spare (so
+    that a flood sorts once every many sessions): first those of the client that left the most waiting, each client's
+    least worth first (see worth), then its oldest. A session a connection holds never goes."""
+    count_goal = MAX_SESSIONS - sessions - MAX_SESSIONS // 20
+    bytes_goal = MEMORY.limit - more - MEMORY.limit // 20
+    queues = {
+        client: sorted(reversed(waiting.values()), key=worth, reverse=True) for client, waiting in WAITING.items()
+    }
+    heap = [(-len(queue), worth(queue[-1]), client) for client, queue in queues.items()]
+    heapq.heapify(heap)
+    while heap and (len(SESSIONS) > count_goal or MEMORY.used > bytes_goal):
+        _, _, client = heapq.heappop(heap)
+        evict((queue := queues[client]).pop())
+        if queue:
+            heapq.heappush(heap, (-len(queue), worth(queue[-1]), client))
+
+
+def worth(session: Session) -> int:
+    """How much a client loses with the session: 0 if it is empty; 1 if it holds a turn or less; 2 for a longer
+    conversation, or an answer still streaming for a resume (its client is likely on its way back)."""
+    if session.pending in STREAMS or len(session.history) > 2:
+        return 2
+    return 1 if session.history or session.pending else 0
+
+
+def evict(session: Session) -> None:
+    """A detached session goes to make room, here and from a shared store (unless it was taken since)."""
+    drop(session)
+    background(STORE.evict(session))
+
+
+def client_of(ws: WebSocket) -> str:
+    """Where a connection comes from (behind a proxy, as uvicorn's proxy headers say): its address, an IPv6 one by
+    its /64, which one host can hold whole."""
+    host = ws.client.host if ws.client else ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return str(ipaddress.ip_network(f"{host}/64", strict=False)) if address.version == 6 else host
+
+
+def new_session(session_id: str | None, ws: WebSocket, question: str) -> Session:
+    """A session attached to `ws` (an id is minted if the client gave none), with room for its first turn; refused
+    (BadRequest) when full with sessions all attached."""
+    if why := room(1, ANSWER_BYTES + sys.getsizeof(question)):
+        raise BadRequest(why, session_id)
+    session = Session(session_id or secrets.token_urlsafe(16), ws, client=client_of(ws))
+    keep(session)
     return session
 
 
 def attach(session: Session, ws: WebSocket) -> None:
     """`ws` holds the session from now on, even if another connection held it (a half-open one, say)."""
-    session.owner = ws
-    DETACHED.pop(session.id, None)
+    session.owner, session.client = ws, client_of(ws)
+    wake(session)
     disarm(session)
+
+
+def wake(session: Session) -> None:
+    """The session no longer waits for a resume."""
+    if DETACHED.get(session.id) is session:
+        del DETACHED[session.id]
+        waiting = WAITING[session.client]
+        del waiting[session.id]
+        if not waiting:
+            del WAITING[session.client]
 
 
 def detach(session: Session) -> None:
@@ -303,8 +418,11 @@ def detach(session: Session) -> None:
         return
     session.owner = None
     DETACHED[session.id] = session
+    (waiting := WAITING.setdefault(session.client, {}))[session.id] = session
     session.timers.append(asyncio.get_running_loop().call_later(SESSION_TTL, drop, session))
     stream_on(session)
+    if len(waiting) > MAX_DETACHED_PER_CLIENT:  # the client's own go first, never another's (see shed)
+        evict(min(waiting.values(), key=worth))  # the emptiest, then the oldest
 
 
 def let_go(session: Session, answer_goes_on: bool) -> None:
@@ -329,8 +447,9 @@ def drop(session: Session) -> None:
 def remove(session: Session) -> None:
     if SESSIONS.get(session.id) is session:
         del SESSIONS[session.id]
-    if DETACHED.get(session.id) is session:
-        del DETACHED[session.id]
+        MEMORY.used -= session.bytes
+        count(session.pending, False)
+    wake(session)
 
 
 def disarm(session: Session) -> None:
@@ -401,7 +520,7 @@ def make_room() -> bool:
 def counts() -> dict[str, int]:
     """What the process holds now, as /healthz shows it."""
     now = {"connections": len(CONNECTIONS), "sessions": len(SESSIONS), "detached": len(DETACHED)}
-    return now | {"streams": len(STREAMS)}
+    return now | {"streams": len(STREAMS), "session_bytes": MEMORY.used}
 
 
 def background(coroutine: Any) -> None:
@@ -452,6 +571,10 @@ class Store:
 
     async def release(self, session: Session) -> None:
         """Its connection closed (`detach` ran): its SESSION_TTL starts."""
+
+    async def evict(self, session: Session) -> None:
+        """The process let a detached session go to make room (see shed): it goes from the store too, unless a
+        connection elsewhere took it since."""
 
     async def forget(self, session: Session) -> None:
         """end_session: the session goes now."""
@@ -720,6 +843,7 @@ ERRORS = {  # what went wrong -> (the code a client acts on, the message it show
     ),
     "busy": ("busy", "An answer is already streaming; wait for it or cancel it."),
     "sessions_full": ("busy", f"{MAX_SESSIONS=} are all in use; try again later."),
+    "memory_full": ("busy", "The server's memory for conversations (MAX_SESSION_MEMORY_MB) is full; try again later."),
     "in_use": ("session_in_use", "This session is open on another connection; resume it with its resume_token first."),
     "not_found": (
         "not_found",
@@ -851,7 +975,7 @@ async def answer(session: Session, turn: Turn) -> None:
                 raise
             log.info("context overflow: session=%r turn=%s: retrying with half the history", session.id, turn.id)
             oldest_half = (completed + 1) // 2  # turns, rounded up; they go for good
-            del session.history[: 2 * oldest_half]
+            rewrite(session, session.history[2 * oldest_half :])
             stop_reason, usage = await read(session, turn)
     except asyncio.CancelledError:
         if turn.stopped != "cancelled":  # the session is gone here, the server stops, or the store refused the turn
@@ -878,6 +1002,7 @@ async def answer(session: Session, turn: Turn) -> None:
         end = {"type": "end", "session_id": session.id, "turn_id": turn.id, "full_text": "".join(turn.tokens)}
         trimmed = completed - len(turn.context) // 2  # turns left out, by the budget or the overflow
         turn.final = {**end, "stop_reason": stop_reason, "usage": usage, "history_trimmed": trimmed}
+        grow(turn, end["full_text"])
     else:
         turn.final = error_frame("too_long_for_model" if outcome == "too_large" else outcome, session.id, turn.id)
     turn.changed.set()
@@ -913,6 +1038,7 @@ async def read(session: Session, turn: Turn) -> tuple[str | None, dict[str, int]
             if text := chunk.text:
                 turn.first_token_at = turn.first_token_at or time.perf_counter()
                 turn.tokens.append(text)
+                grow(turn, text)
                 turn.changed.set()
                 STORE.record(turn)
                 while len(turn.tokens) - turn.sent > WINDOW and session.owner is not None:
@@ -963,12 +1089,13 @@ def settle(ws: WebSocket, session: Session, turn: Turn) -> bool:
     if session.owner is not ws or session.pending is not turn:
         return False
     session.pending = None
+    count(turn, False)
     if turn.final["type"] == "end" and turn.final["full_text"].strip():
         history = [*turn.context, HumanMessage(turn.question), AIMessage(turn.final["full_text"])]
         history = history[-MAX_HISTORY_MESSAGES:]  # turns left out for the budget are gone already
         if history[0].type == "ai":  # an odd cap cut the oldest turn in two: whole turns, as Bedrock needs
             history = history[1:]
-        session.history = history  # subtle: trim_messages(token_counter=len) would do the same, for 50 MB more memory
+        rewrite(session, history)  # subtle: trim_messages(token_counter=len) would do the same, for 50 MB more memory
     return True
 
 
@@ -1135,9 +1262,10 @@ async def handle(
         raise BadRequest("in_use", session_id)
     elif len(STREAMS) >= MAX_CONCURRENT_STREAMS and not make_room():
         raise BadRequest("busy", session_id)
-    elif session is None and (session := new_session(session_id, ws)) is None:
-        raise BadRequest("sessions_full", session_id)
+    elif session is not None and (why := room(0, ANSWER_BYTES + sys.getsizeof(request["question"]))):
+        raise BadRequest(why, session_id)
     else:
+        session = session or new_session(session_id, ws, request["question"])
         new = session not in held
         try:
             sending = await start_turn(ws, session, request["question"], chosen_id=new and session_id is not None)
@@ -1156,7 +1284,8 @@ async def start_turn(ws: WebSocket, session: Session, question: str, chosen_id: 
     """Ask the model; return the task that sends the answer to `ws`. The store records the turn before the start
     frame goes, while the model is asked (a round trip saved at every question), except in a new session whose id
     the client chose: the store first says whether it exists elsewhere, so that a refusal costs no model call."""
-    turn = session.pending = Turn(secrets.token_urlsafe(12), question)
+    turn = session.pending = Turn(secrets.token_urlsafe(12), question, bytes=sys.getsizeof(question))
+    count(turn, True)
     if not chosen_id:
         ask_model(session, turn)
     try:
@@ -1164,6 +1293,7 @@ async def start_turn(ws: WebSocket, session: Session, question: str, chosen_id: 
             raise BadRequest("in_use", session.id)
     except (BadRequest, StoreUnavailable) as exc:
         session.pending = None
+        count(turn, False)
         halt(turn, exc.frame["code"] if isinstance(exc, BadRequest) else "unavailable")  # its outcome
         raise
     if chosen_id:
@@ -1182,18 +1312,18 @@ async def take(session_id: str, token: str) -> Session | None:
     """The session a resume names, if `token` is its resume token; None for a wrong token or no such session. A
     shared store hands back a fresh copy of the session it holds, which replaces this process's copy, if any."""
     here = SESSIONS.get(session_id)  # subtle: before the store's round trip, during which it may be let go
-    if here is None and STORE.shared and len(SESSIONS) >= MAX_SESSIONS and not DETACHED:
-        raise BadRequest("sessions_full", session_id)  # before the claim takes the session from its holder
+    if here is None and STORE.shared and not DETACHED and (why := room(1, 0)):  # room(), with nothing to shed
+        raise BadRequest(why, session_id)  # before the claim takes the session from its holder
     session = await STORE.claim(session_id, token, here)
     if session is None or session is here:
         return session  # subtle: only a valid claim may evict a detached session below, to make room
     if here is not None:
         let_go(here, answer_goes_on=False)
-    elif not admit():  # they filled up during the round trip
+    elif why := room(1, 0):  # they filled up during the round trip
         let_go(session, answer_goes_on=False)  # it follows nothing
         await STORE.release(session)
-        raise BadRequest("sessions_full", session_id)
-    SESSIONS[session.id] = session
+        raise BadRequest(why, session_id)
+    keep(session)
     return session
 
 
@@ -1327,8 +1457,9 @@ class RedisStore(Store):
 
     The reference's sessions stay the working copy in each process; Redis is what outlives a process. A session's key
     expires SESSION_TTL after its connection closed; while one holds it, it is renewed to SESSION_TTL
-    + 60 s every 30 s. A turn's expires SESSION_TTL + 60 s after its last write (each write renews it), and goes once
-    it is delivered (the next write of the process reading it deletes it, should the settle have come first). A
+    + 60 s every 30 s. A turn's key lives as long as its session's (each write, claim, release and renewal gives it
+    the session's TTL), and goes once it is delivered (the next write of the process reading it deletes it, should the
+    settle have come first). A
     resume that takes a session from a connection publishes [session_id, claim] on chat:moved; a cancel of an answer
     read elsewhere, its turn_id on chat:cancel. Each process writes what it reads from Bedrock from one task, in one
     script call every FLUSH_EVERY. Standalone Redis only (or a primary endpoint): scripts touch several keys.
@@ -1351,6 +1482,7 @@ class RedisStore(Store):
         if session[1] ~= ARGV[2] then return false end
         redis.call('HSET', KEYS[1], 'owner', ARGV[1])
         redis.call('PEXPIRE', KEYS[1], ARGV[3])
+        if session[4] ~= '' then redis.call('PEXPIRE', 'chat:turn:' .. session[4], ARGV[3]) end
         if session[2] ~= '' then redis.call('PUBLISH', 'chat:moved', cjson.encode({ARGV[4], session[2]})) end
         return session"""
     SETTLE = """
@@ -1360,9 +1492,16 @@ class RedisStore(Store):
         redis.call('DEL', KEYS[2])
         return 1"""
     RELEASE = """
-        if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-        redis.call('HSET', KEYS[1], 'owner', '')
+        local session = redis.call('HMGET', KEYS[1], 'owner', 'turn')
+        if session[1] ~= ARGV[1] then return 0 end
+        redis.call('HSET', KEYS[1], 'owner', '', 'left', ARGV[1])
+        if session[2] ~= '' then redis.call('PEXPIRE', 'chat:turn:' .. session[2], ARGV[2]) end
         return redis.call('PEXPIRE', KEYS[1], ARGV[2])"""  # subtle: PEXPIRE 0 deletes it (SESSION_TTL=0)
+    EVICT = """
+        local session = redis.call('HMGET', KEYS[1], 'owner', 'left', 'turn')
+        if session[1] ~= '' or session[2] ~= ARGV[1] then return 0 end
+        if session[3] ~= '' then redis.call('DEL', 'chat:turn:' .. session[3]) end
+        return redis.call('DEL', KEYS[1])"""  # only a session this copy released, no one holding it since
     FORGET = """
         if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
         return 0"""
@@ -1379,7 +1518,8 @@ class RedisStore(Store):
                     redis.call('XADD', turn, '*', 'f', ARGV[a + 3], 'k', ARGV[a + 4])
                     redis.call('SREM', process, ARGV[a + 5])
                 end
-                redis.call('PEXPIRE', turn, ttl)  -- in every call that writes it: no turn key lives without a TTL
+                local left = redis.call('PTTL', session)  -- in every call that writes it: it lives as its session
+                redis.call('PEXPIRE', turn, left > 0 and left or ttl)
             end
         end
         if ARGV[n * 5 + 2] ~= '0' then
@@ -1389,7 +1529,11 @@ class RedisStore(Store):
         end
         return n"""
     TOUCH = """
-        for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[1]) end
+        for _, key in ipairs(KEYS) do
+            redis.call('PEXPIRE', key, ARGV[1])
+            local turn = redis.call('HGET', key, 'turn')
+            if turn and turn ~= '' then redis.call('PEXPIRE', 'chat:turn:' .. turn, ARGV[1]) end
+        end
         return #KEYS"""
 
     def __init__(self, url: str) -> None:
@@ -1403,7 +1547,7 @@ class RedisStore(Store):
         )
         self.redis = redis.asyncio.Redis(connection_pool=pool)
         self.sockets = MAX_CONNECTIONS + 16
-        scripts = ("BEGIN", "CLAIM", "SETTLE", "RELEASE", "FORGET", "FLUSH", "TOUCH")
+        scripts = ("BEGIN", "CLAIM", "SETTLE", "RELEASE", "EVICT", "FORGET", "FLUSH", "TOUCH")
         self.scripts = {name: self.redis.register_script(getattr(self, name)) for name in scripts}
         self.process = f"chat:process:{PROCESS}"
         # the copies of sessions made here, each with its claim (as a key's owner field names it), both ways; entries
@@ -1533,6 +1677,13 @@ class RedisStore(Store):
                 [self.session_key(session.id)], [self.claim_of(session), milliseconds(SESSION_TTL)]
             )
 
+    async def evict(self, session: Session) -> None:
+        self.unclaim(session)
+        try:
+            await self.scripts["EVICT"]([self.session_key(session.id)], [self.claim_of(session)])
+        except RedisError as exc:  # it expires by itself
+            log.warning("could not evict session=%r from Redis: %s", session.id, exc)
+
     async def forget(self, session: Session) -> None:
         self.unclaim(session)
         with self.reaching():
@@ -1563,7 +1714,12 @@ class RedisStore(Store):
             if now >= self.beat_at:
                 beat, self.beat_at = True, now + 1
             with contextlib.suppress(RedisError):
-                await self.flush(beat)
+                try:
+                    await self.flush(beat)
+                except RedisError:
+                    if beat:  # subtle: Redis out of memory refuses the script, not this renewal: readers elsewhere
+                        await self.redis.pexpire(self.process, milliseconds(self.LEASE))  # wait for the answer
+                    raise  # instead of taking its process for dead
                 if now >= self.touch_at:
                     self.touch_at = now + 30
                     await self.touch()
@@ -1615,9 +1771,12 @@ class RedisStore(Store):
                 break
             if b"t" in data:
                 first, tokens = int(data[b"s"]), json.loads(data[b"t"])
-                turn.tokens.extend(tokens[len(turn.tokens) + 1 - first :])  # a batch written twice counts once
+                for token in tokens[len(turn.tokens) + 1 - first :]:  # a batch written twice counts once
+                    turn.tokens.append(token)
+                    grow(turn, token)
             else:
                 turn.final, kept = json.loads(data[b"f"]), int(data[b"k"])
+                grow(turn, turn.final.get("full_text", ""))
                 turn.context = session.history[len(session.history) - kept :]
         turn.changed.set()
         return entries[-1][0]
@@ -1802,6 +1961,11 @@ GAUGES = [  # /healthz's counts (see sample)
         ("chat_stream_connections", "Open chat WebSockets.", "connections"),
         ("chat_stream_sessions", "Sessions held, attached or waiting for a resume.", "sessions"),
         ("chat_stream_streams", "Bedrock streams open, detached answers included.", "streams"),
+        (
+            "chat_stream_session_bytes",
+            "What sessions hold, as stored (MAX_SESSION_MEMORY_MB is its bound).",
+            "session_bytes",
+        ),
     )
 ]
 OUTCOMES = ("end", "cancelled", "disconnected", "throttled", "access_denied", "model_error", "unavailable", "timeout")
@@ -1862,13 +2026,21 @@ def forget_dead_workers() -> None:
             pass  # alive, another user's: not one of ours, but not dead
 
 
+SNAPSHOT_SECONDS = 0.25  # /metrics answers from a snapshot at most this old: a flood of scrapes renders 4 a second
+SNAPSHOTS: dict[str, tuple[float, bytes]] = {}  # by content type: when each was rendered (time.time()), and its text
+
+
 async def metrics(request: Request) -> Response:
-    """Prometheus's scrape: this process's metrics, or with WORKERS > 1 those of all the workers."""
-    sample()
-    if MULTIPROCESS:
-        forget_dead_workers()
+    """Prometheus's scrape: this process's metrics, or with WORKERS > 1 those of all the workers; from a snapshot at
+    most SNAPSHOT_SECONDS old (rendering costs ~0.6 ms), its time in the X-Snapshot-Time header."""
     encoder, content_type = choose_encoder(request.headers.get("accept", ""))  # OpenMetrics if Prometheus asks
-    return Response(encoder(SCRAPED), media_type=content_type)
+    taken_at, body = SNAPSHOTS.get(content_type, (0.0, b""))
+    if time.time() - taken_at >= SNAPSHOT_SECONDS:
+        sample()
+        if MULTIPROCESS:
+            forget_dead_workers()
+        taken_at, body = SNAPSHOTS[content_type] = time.time(), encoder(SCRAPED)
+    return Response(body, media_type=content_type, headers={"X-Snapshot-Time": f"{taken_at:.6f}"})
 
 
 def sampling(lifespan: Callable[[Starlette], Any]) -> Callable[[Starlette], Any]:
@@ -2052,6 +2224,7 @@ app.router.routes.append(Route("/", page))
 
 import gc  # noqa: E402
 import resource  # noqa: E402
+import socket  # noqa: E402
 import tempfile  # noqa: E402
 
 import uvicorn  # noqa: E402
@@ -2083,6 +2256,9 @@ MAX_FRAMES_PER_SECOND = setting("MAX_FRAMES_PER_SECOND", positive_int, 20)  # pe
 MAX_FRAME_BYTES = 12 * (MAX_QUESTION_CHARS + MAX_SESSION_ID_CHARS) + 1024  # larger: closed with 1009 by uvicorn
 # subtle: 12 bytes a character is the worst valid encoding, an astral character escaped as a surrogate pair
 REQUEST_TIMEOUT = 5  # seconds for a whole HTTP request, from the connection or the last response
+SEND_BUFFER = 64 * 1024  # bytes of a WebSocket's kernel send buffer (Linux doubles it, and no longer autotunes it to
+# megabytes): what a client that reads nothing leaves in the kernel, before SEND_TIMEOUT runs
+FRAME_UNIT = 32 * 1024  # bytes (characters, in a text frame sent) that cost a frame's time of the budget
 load_dotenv(Path(__file__).with_name(".env"))  # as a program, the .env is its environment: AWS_* in it reach boto3
 if not environment("ALLOWED_HOSTS").strip() and not is_address(HOST):
     ALLOWED_HOSTS.append(HOST.lower())  # the default: localhost, and HOST when it is a name (read at each request)
@@ -2153,12 +2329,17 @@ class HTTPProtocol(H11Protocol):
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol with a budget of MAX_FRAMES_PER_SECOND frames (pings included; over it: close
-    1008), a SEND_TIMEOUT for clients that stop reading, and one log line, not a traceback, for invalid UTF-8."""
+    1008), where a large frame, the client's or one sent to it (a resume of a long conversation), costs a frame's
+    time for each FRAME_UNIT it holds: the client's next frame waits; a SEND_TIMEOUT for clients that stop reading,
+    with a small kernel send buffer so that it runs; and one log line, not a traceback, for invalid UTF-8."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.allowance, self.checked_at = 2.0 * MAX_FRAMES_PER_SECOND, self.loop.time()  # a burst of two seconds' worth
+        self.owed_until = 0.0  # (loop time) until when the frames we sent for the client cost its budget
         self.stalled: asyncio.TimerHandle | None = None  # runs out if the write buffer stays full
+        if (sock := transport.get_extra_info("socket")) is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.stalled:
@@ -2168,6 +2349,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     def handle_events(self) -> None:
         now, rate = self.loop.time(), MAX_FRAMES_PER_SECOND  # a token bucket, refilled at `rate` frames a second
         self.allowance = min(2.0 * rate, self.allowance + (now - self.checked_at) * rate) - len(self.conn.events)
+        self.owe(sum(len(getattr(event, "data", b"")) for event in self.conn.events))
         self.checked_at = now
         if self.allowance < 0 and self.handshake_complete and not self.close_sent:
             log.warning("closing a WebSocket that sent over MAX_FRAMES_PER_SECOND=%d frames", MAX_FRAMES_PER_SECOND)
@@ -2175,6 +2357,23 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             self.fail(1008, "too many frames")
             return
         super().handle_events()
+
+    def owe(self, size: int) -> None:
+        """A large frame came or went: the client's next frames wait a frame's time for each FRAME_UNIT of it."""
+        if units := size // FRAME_UNIT:
+            self.owed_until = max(self.owed_until, self.loop.time()) + units / MAX_FRAMES_PER_SECOND
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.send":
+            self.owe(len(message.get("text") or message.get("bytes") or ""))  # subtle: characters, of text
+
+    async def receive(self) -> Any:
+        """The app's next message, once the large frames before it have been paid for (uvicorn reads at most one more
+        of the client's frames meanwhile)."""
+        if (owed := self.owed_until - self.loop.time()) > 0:
+            await asyncio.sleep(owed)
+        return await super().receive()
 
     def send_receive_event_to_app(self) -> None:
         if self.curr_msg_data_type == "text" and not is_utf8(self.frames):

@@ -596,9 +596,16 @@ MIB = 1024  # in KiB, as /proc reports memory
 
 
 def scrape(server: Server, client: Any = httpx) -> dict[str, dict[frozenset, float]]:
-    """GET /metrics, read with prometheus-client's own parser: each sample's value by name, then by its labels."""
-    response = client.get(f"{server.http}/metrics")
-    assert response.status_code == 200, response.text
+    """GET /metrics, read with prometheus-client's own parser: each sample's value by name, then by its labels. The
+    server answers from a snapshot at most 0.25 s old: asked again until it has one taken after this call."""
+    asked_at, deadline = time.time(), time.monotonic() + 2
+    while True:
+        response = client.get(f"{server.http}/metrics")
+        assert response.status_code == 200, response.text
+        if float(response.headers["x-snapshot-time"]) >= asked_at:
+            break
+        assert time.monotonic() < deadline, "no new snapshot"
+        time.sleep(0.02)
     assert response.headers["content-type"].startswith("text/plain; version=")
     samples: dict[str, dict[frozenset, float]] = {}
     for family in text_string_to_metric_families(response.text):
@@ -621,9 +628,10 @@ def parent_pid(proc: Path) -> int | None:
 
 def serving(ws: ClientConnection, workers: list[Path]) -> Path:
     """The worker process that holds the server's end of this client's connection (read from /proc)."""
-    port = ws.socket.getsockname()[1]
-    tables = [Path(f"/proc/net/{t}").read_text().splitlines()[1:] for t in ("tcp", "tcp6")]
-    (inode,) = {f[9] for table in tables for f in map(str.split, table) if int(f[2].rsplit(":", 1)[1], 16) == port}
+    (_, port), (_, server_port) = ws.socket.getsockname()[:2], ws.socket.getpeername()[:2]
+    ends = [f for t in ("tcp", "tcp6") for f in map(str.split, Path(f"/proc/net/{t}").read_text().splitlines()[1:])]
+    # subtle: the server's end is the socket from its port to ours (other tests' sockets share the table)
+    (inode,) = {f[9] for f in ends if [int(a.rsplit(":", 1)[1], 16) for a in f[1:3]] == [server_port, port]}
     return next(w for w in workers if f"socket:[{inode}]" in {os.readlink(fd) for fd in (w / "fd").iterdir()})
 
 
@@ -769,10 +777,20 @@ def test_healthz_counts(server: Server, bedrock: FakeBedrock) -> None:
     with connect(server.ws_url) as ws:
         ws.send(json.dumps({"question": "count me", "session_id": "h"}))
         assert json.loads(ws.recv(timeout=5))["type"] == "start"
-        assert server.health() == {"status": "ok", "connections": 1, "sessions": 1, "detached": 0, "streams": 1}
+        assert server.health() == {
+            "status": "ok",
+            "connections": 1,
+            "sessions": 1,
+            "detached": 0,
+            "streams": 1,
+            "session_bytes": ANY,
+        }
         read_answer(ws)
     wait_for(
-        lambda: server.health() == {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0},
+        lambda: (
+            server.health()
+            == {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0, "session_bytes": 0}
+        ),
         5,
         "idle",
     )
@@ -1541,7 +1559,7 @@ def test_memory_stays_flat(server: Server) -> None:
     asyncio.run(cycles(server.ws_url, 500))  # warm up: pools, caches, allocator arenas
     before = server.memory_kib()
     asyncio.run(cycles(server.ws_url, 2000))
-    idle = {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0}
+    idle = {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0, "session_bytes": 0}
     wait_for(lambda: server.health() == idle, 5, "idle")
     assert server.memory_kib() - before < 8 * 1024, f"RSS grew from {before} KiB to {server.memory_kib()} KiB"
 
@@ -1693,7 +1711,7 @@ def test_takeover_from_a_half_open_connection(resumable_layered: Server, bedrock
 # A client that reads slowly and then vanishes no longer holds the answer back: it is read to its end while the
 # session waits, and a resume delivers all of it.
 def test_slow_reader_that_leaves(resumable_layered: Server, bedrock: FakeBedrock) -> None:
-    tokens = [f"<{i}>" + "z" * 100_000 for i in range(250)]
+    tokens = [f"<{i}>" + "z" * 200_000 for i in range(250)]  # 50 MB: more than every kernel buffer on the way
     bedrock.replies["slow then gone"] = Reply(tokens=tokens)
     with slow_reader(resumable_layered) as ws:
         ws.send(json.dumps({"question": "slow then gone"}))
@@ -1720,7 +1738,7 @@ def test_drops_at_random_moments(resumable: Server, bedrock: FakeBedrock) -> Non
 # A resume that claims more tokens than the answer has (after=10**6) gets the tokens from the next one on: the
 # answer, held back for a slow reader until then, is not left waiting for tokens that will never be sent.
 def test_resume_that_claims_too_much(resumable_layered: Server, bedrock: FakeBedrock) -> None:
-    tokens = [f"<{i}>" + "o" * 100_000 for i in range(250)]
+    tokens = [f"<{i}>" + "o" * 200_000 for i in range(250)]  # 50 MB: more than every kernel buffer on the way
     bedrock.replies["claims too much"] = Reply(tokens=tokens)
     with slow_reader(resumable_layered) as stale, connect(resumable_layered.ws_url, max_size=None) as ws:
         stale.send(json.dumps({"question": "claims too much"}))
@@ -1799,7 +1817,125 @@ def test_max_sessions_evicts_the_oldest_detached(bedrock: FakeBedrock, tmp_path:
             assert resume(b, newer) == resumed(newer, None, ["second", echo("second")])
             full = "MAX_SESSIONS=2 are all in use; try again later."
             assert ask(b, "no room", "c") == [{"type": "error", "session_id": "c", "code": "busy", "message": full}]
-            assert server.health() == {"status": "ok", "connections": 2, "sessions": 2, "detached": 0, "streams": 0}
+            assert server.health() == {
+                "status": "ok",
+                "connections": 2,
+                "sessions": 2,
+                "detached": 0,
+                "streams": 0,
+                "session_bytes": ANY,
+            }
+
+
+def connect_from(server: Server, address: str, **options: Any) -> ClientConnection:
+    """A client from another loopback address (127.0.0.2, ...): the server sees another client."""
+    sock = socket.create_connection(("127.0.0.1", server.port), source_address=(address, 0))
+    return connect(server.ws_url, sock=sock, **options)
+
+
+async def flood_sessions(
+    url: str, connections: int, at_once: int, cancel: bool = True, source: str = "127.0.0.1"
+) -> None:
+    """One client making sessions as fast as it can: each connection asks in four new sessions, cancelling each
+    answer at its start frame (empty sessions, the attack of issue 21) or reading it (one turn each), then closes;
+    `at_once` connections at a time, from the address `source`."""
+
+    async def one() -> None:
+        async with websockets.connect(url, local_addr=(source, 0)) as ws:
+            for _ in range(4):
+                await ws.send(json.dumps({"question": "flood"}))
+                assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "start"
+                if cancel:
+                    await ws.send(json.dumps({"type": "cancel"}))
+                while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] not in ("end", "error"):
+                    pass
+
+    for _ in range(0, connections, at_once):
+        await asyncio.gather(*(one() for _ in range(at_once)))
+
+
+# One client making sessions as fast as it can evicts only its own: it leaves at most MAX_DETACHED_PER_CLIENT (8 here)
+# waiting, and when MAX_SESSIONS (16) is reached, the client that left the most goes first (its sessions hold a turn
+# each here, as the others' do). Five other clients' waiting conversations all resume, whole. (On bafa7fe the oldest
+# detached went first: all five were lost.) Empty sessions, as the issue's attack made them: the same.
+@pytest.mark.parametrize("cancel", [False, True], ids=["one turn each", "empty"])
+def test_a_flood_of_sessions_evicts_no_one_else(bedrock: FakeBedrock, tmp_path: Path, cancel: bool) -> None:
+    settings = {"SESSION_TTL": 60, "RESUME_GRACE": 5, "MAX_SESSIONS": 16, "MAX_DETACHED_PER_CLIENT": 8}
+    bedrock.replies["flood"] = Reply(tokens=["x"] * (50 if cancel else 1), delay=0.05)
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
+        users = []
+        for i in range(5):
+            with connect_from(server, f"127.0.0.{i + 2}") as ws:
+                users.append(ask(ws, f"remember {i}", None)[0])
+        asyncio.run(flood_sessions(server.ws_url, 30, 2, cancel, "127.0.0.9"))  # 120 sessions, 8 held at a time
+        wait_for(lambda: server.health()["detached"] == 5 + 8, 5, "the flood's sessions to be left, 8 of them")
+        with connect_from(server, "127.0.0.7") as a, connect_from(server, "127.0.0.8") as b:  # (.9 sorts last)
+            for i in range(4):  # 13 waiting and 8 new ones: 5 go, all the flood's
+                assert ask(a, f"new {i}", f"a{i}")[-1]["type"] == "end"
+                assert ask(b, f"new {i}", f"b{i}")[-1]["type"] == "end"
+            assert server.health()["detached"] == 8
+        for i, start in enumerate(users):
+            with connect_from(server, f"127.0.0.{i + 2}") as ws:
+                assert resume(ws, start) == resumed(start, None, [f"remember {i}", echo(f"remember {i}")])
+
+
+# What sessions hold is bounded by MAX_SESSION_MEMORY_MB (4 here), counted as stored: detached sessions go to make
+# room, those held by a connection never do, and when they alone fill it a new question gets "busy" (memory_full);
+# the count /healthz shows stays within the budget (or one answer past it, when its tokens are larger than the
+# 64 bytes a token it reserved), and the process's memory grows by about what it counts.
+def test_the_memory_budget(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {"SESSION_TTL": 60, "RESUME_GRACE": 5, "MAX_SESSION_MEMORY_MB": 4}
+    answer = ["\U0001f600" * 50] * 1000  # a session with it and its question holds ~320 kB, as stored
+    budget = 4 * MIB * 1024
+    full = "The server's memory for conversations (MAX_SESSION_MEMORY_MB) is full; try again later."
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
+        before = server.memory_kib()
+        for i in range(24):  # twice the budget, left detached
+            question = chr(0x1F300 + i) * 30_000
+            bedrock.replies[question] = Reply(tokens=answer)
+            with connect(server.ws_url) as ws:
+                assert ask(ws, question, f"left {i}")[-1]["type"] == "end"
+            assert server.health()["session_bytes"] <= budget
+        assert server.health()["sessions"] <= 13, "detached sessions make room"
+        with contextlib.ExitStack() as stack:
+            refused, first = None, None
+            for i in range(4):
+                ws = stack.enter_context(connect(server.ws_url))
+                first = first if i else ws
+                for j in range(4):
+                    question = chr(0x1F400 + 4 * i + j) * 30_000
+                    bedrock.replies[question] = Reply(tokens=answer)
+                    frames = ask(ws, question, f"held {i}-{j}")
+                    if frames[-1]["type"] == "error":
+                        refused = refused or frames[-1]
+                    health = server.health()
+                    assert health["session_bytes"] <= budget + 700 * 1024  # an answer past its reserve (README)
+            assert refused == {"type": "error", "session_id": ANY, "code": "busy", "message": full}
+            assert health["detached"] == 0 and health["session_bytes"] > budget // 2
+            grown = server.memory_kib() - before
+            again = chr(0x1F500) * 30_000  # in a session held from the start: busy too
+            assert ask(first, again, "held 0-0")[-1] == refused | {"session_id": "held 0-0"}
+    print(f"sessions counted at {health['session_bytes'] / MIB / 1024:.1f} MiB; RSS grew by {grown / 1024:.1f} MiB")
+    assert grown < 16 * MIB, "the budget, and what building 40 requests of 120 kB and more leaves in the allocator"
+
+
+# At MAX_SESSIONS (2 here), of one client's waiting sessions the emptiest goes first, however recent: an answer
+# cancelled at its start left a session with nothing in it, and it goes before an older conversation.
+def test_the_emptiest_detached_goes_first(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {"SESSION_TTL": 60, "RESUME_GRACE": 5, "MAX_SESSIONS": 2}
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
+        with connect(server.ws_url) as ws:
+            older = ask(ws, "a real conversation", "older")[0]
+        with connect(server.ws_url) as ws:
+            bedrock.replies["cancelled at once"] = Reply(tokens=["late"], first_delay=2)
+            ws.send(json.dumps({"question": "cancelled at once", "session_id": "empty"}))
+            empty = json.loads(ws.recv(timeout=5))
+            ws.send(json.dumps({"type": "cancel"}))
+            assert read_answer(ws)[-1]["full_text"] == ""
+        with connect(server.ws_url) as ws:
+            assert ask(ws, "evicts one", "new")[-1]["type"] == "end"
+            assert resume(ws, empty)["code"] == "not_found"
+            assert resume(ws, older) == resumed(older, None, ["a real conversation", echo("a real conversation")])
 
 
 # --- memory: what an answer, a connection and sessions hold at their limits, measured
@@ -1854,7 +1990,7 @@ def test_memory_of_one_connection(fresh: Server, bedrock: FakeBedrock) -> None:
 # RESUME_GRACE and SESSION_TTL (1 s and 2 s here) the counts are back to nothing, and memory stays flat.
 @slow
 def test_soak_of_dropped_answers(bedrock: FakeBedrock, tmp_path: Path) -> None:
-    idle = {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0}
+    idle = {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0, "session_bytes": 0}
     with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, SESSION_TTL=2, RESUME_GRACE=1) as server:
         asyncio.run(cycles(server.ws_url, 500, frames=2))  # warm up
         wait_for(lambda: server.health() == idle, 10, "the warm-up sessions to expire")
@@ -2043,7 +2179,14 @@ def test_the_reference_serves_the_protocol(resumable_reference: Server, bedrock:
                 "message": MESSAGES[code],
             }
             assert ask(ws, f"cut {name}", "cut-errors") == [start("cut-errors"), *tokens_of(tokens), error], name
-    assert server.health() == {"status": "ok", "connections": 0, "sessions": ANY, "detached": ANY, "streams": ANY}
+    assert server.health() == {
+        "status": "ok",
+        "connections": 0,
+        "sessions": ANY,
+        "detached": ANY,
+        "streams": ANY,
+        "session_bytes": ANY,
+    }
 
 
 # The cut answers with the offline model too, with no AWS call.
@@ -2257,6 +2400,64 @@ def test_cancel_across_processes(pair: list[Server], bedrock: FakeBedrock) -> No
     assert 4 <= len(frames[-1]["full_text"].split()) < 400
 
 
+# Redis refusing writes (past its maxmemory, with noeviction) cuts no answer already streaming: one read
+# on A for a client on A ends whole, one read on A for a client following it on B waits (A's process key lives on:
+# no "producer gone"), and ends whole once Redis takes writes again; meanwhile a new question gets "unavailable".
+# (On 207af5a the followed answer ended "unavailable" within seconds.)
+def test_redis_out_of_memory(own_store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {**RESUMABLE, "REDIS_URL": own_store.url}
+    store_down = "Sessions cannot be stored right now; try again shortly."
+    with (
+        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as a,
+        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as b,
+        redis.Redis.from_url(own_store.url) as client,
+        connect(a.ws_url) as here,
+        connect(b.ws_url) as there,
+    ):
+        local, followed = [f" here{i}" for i in range(250)], [f" foll{i}" for i in range(250)]  # MAX_TOKENS: 256
+        bedrock.replies["read here"] = Reply(tokens=local, delay=0.012)
+        away = begin(a, bedrock, "followed there", 250, 3, delay=0.024)[0]  # its tokens are `followed`
+        here.send(json.dumps({"question": "read here", "session_id": "oom"}))
+        start = json.loads(here.recv(timeout=5))
+        assert resume(there, away, turn_id=away["turn_id"], after=3) == resumed(away, "followed there")
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", client.info("memory")["used_memory"] // 2)  # full: every write refused
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            client.set("one more", "x")
+        assert read_answer(here) == [*tokens_of(local), whole_answer(start, local, 1)[-1]]
+        with connect(a.ws_url) as ws:
+            refused = {"type": "error", "session_id": "new", "code": "unavailable", "message": store_down}
+            assert ask(ws, "not now", "new") == [refused]
+        seen = read_until_quiet(there)
+        assert [f["type"] for f in seen] == ["token"] * len(seen)
+        client.config_set("maxmemory", 0)  # room again
+        assert seen + read_answer(there) == whole_answer(away, followed, 4)
+        with connect(a.ws_url) as ws:
+            wait_for(lambda: ask(ws, "now", "again")[-1]["type"] == "end", 5, "questions to be answered again")
+
+
+def read_until_quiet(ws: ClientConnection, quiet: float = 4.0) -> list[dict[str, Any]]:
+    """Frames until none has come for `quiet` seconds (longer than a process's lease in Redis, 3 s)."""
+    frames = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            frames.append(json.loads(ws.recv(timeout=quiet)))
+    return frames
+
+
+# What a process leaves in Redis is bounded as what it holds is: a flood of 120 empty sessions from one client, with
+# MAX_SESSIONS=16 and MAX_DETACHED_PER_CLIENT=8, leaves 8 session keys, as the process holds 8 (a session it lets go
+# to make room goes from Redis too), and no turn key. (On 207af5a, Redis kept all 120, each until its SESSION_TTL.)
+def test_redis_bounded_as_the_process(own_store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {**RESUMABLE, "REDIS_URL": own_store.url, "MAX_SESSIONS": 16, "MAX_DETACHED_PER_CLIENT": 8}
+    bedrock.replies["flood"] = Reply(tokens=["x"] * 50, delay=0.05)
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
+        asyncio.run(flood_sessions(server.ws_url, 30, 2))
+        with redis.Redis.from_url(own_store.url) as client:
+            wait_for(lambda: len(client.keys("chat:session:*")) == 8, 5, "Redis to hold what the process holds")
+            assert server.health()["sessions"] == 8 and client.keys("chat:turn:*") == []
+
+
 # A copy left detached in a process stops nothing elsewhere: an answer read on A, followed on B, then read on A again
 # leaves B a stale copy of the session; B, at MAX_CONCURRENT_STREAMS, looks for a detached answer of its own to stop
 # and finds none (it used to publish a cancel for the stale copy, and A cut the answer its client was reading).
@@ -2394,7 +2595,8 @@ def test_a_turn_the_store_cannot_record(own_store: RedisServer, bedrock: FakeBed
 
 
 # Every key expires: after a session left detached, an answer resumed on the other process, and one never
-# resumed, each key has a TTL of at most SESSION_TTL + 60 s, and with no traffic only the processes' own keys are
+# resumed, each key has a TTL of at most SESSION_TTL + 60 s, an answer's key goes with its session's (within seconds
+# here; on 207af5a, SESSION_TTL + 60 s after its last write), and with no traffic only the processes' own keys are
 # left, and the key of a session a connection still holds: it lives on while held, idle (renewed every 30 s), and
 # goes SESSION_TTL after its connection closes.
 @slow
@@ -2419,7 +2621,7 @@ def test_keys_expire(own_store: RedisServer, bedrock: FakeBedrock, tmp_path: Pat
         keys = client.keys("*")
         assert len(keys) > 3 and all(0 < client.pttl(key) <= 62_000 for key in keys), keys
         left_at = time.monotonic()
-        wait_for(lambda: client.dbsize() == 3, 75, "the process keys and the held session's")
+        wait_for(lambda: client.dbsize() == 3, 10, "the process keys and the held session's")
         print(f"keys back to the floor {time.monotonic() - left_at:.0f} s after the last use")
         held_key = f"chat:session:{held_id}".encode()
         assert sorted(client.keys("*")) == sorted([held_key, *client.keys("chat:process:*")])
@@ -2544,6 +2746,24 @@ def test_metrics_count_a_known_sequence(bedrock: FakeBedrock, tmp_path: Path) ->
     assert labels["gen_ai_client_time_to_first_chunk_seconds_bucket"] == {"gen_ai_request_model", "le"}
     assert "process_resident_memory_bytes" in after
     assert not [name for name in after if name.endswith("_created")]
+
+
+# /metrics answers from a snapshot at most 0.25 s old, so that a flood of scrapes costs little: 300 scrapes in a row
+# render at most one snapshot for each 0.25 s they take (each answer names its snapshot's time, never older than
+# 0.25 s), and the answers between two renders are the same text.
+def test_metrics_from_a_snapshot(server: Server) -> None:
+    with httpx.Client() as client:
+        started, answers = time.time(), []
+        for _ in range(300):
+            asked_at = time.time()
+            response = client.get(f"{server.http}/metrics")
+            answers.append((asked_at, float(response.headers["x-snapshot-time"]), response.text))
+        took = time.time() - started
+    assert all(asked_at - 0.25 < taken <= started + took for asked_at, taken, _ in answers)
+    snapshots = {taken: text for _, taken, text in answers}
+    assert len(snapshots) <= took / 0.25 + 2 and len(snapshots) < 300
+    assert all(text == snapshots[taken] for _, taken, text in answers)  # process_cpu_seconds_total included
+    print(f"300 scrapes in {took:.2f} s: {len(snapshots)} snapshots rendered")
 
 
 # Token usage for a request without cache points (PROMPT_CACHE=off here): input and output tokens, no cache types.
@@ -2926,9 +3146,17 @@ def test_page_passes_token(page: Any, guarded: Server) -> None:
 
 
 def client_frame(opcode: int, payload: bytes) -> bytes:
-    """One masked frame, as a client must send it (payload under 126 bytes)."""
-    mask = b"\x01\x02\x03\x04"
-    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    """One masked frame, as a client must send it."""
+    mask, n = b"\x01\x02\x03\x04", len(payload)
+    if n < 126:
+        length = bytes([0x80 | n])
+    elif n < 2**16:
+        length = bytes([0x80 | 126]) + struct.pack(">H", n)
+    else:
+        length = bytes([0x80 | 127]) + struct.pack(">Q", n)
+    key = (mask * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+    return bytes([0x80 | opcode]) + length + mask + masked
 
 
 def server_frames(sock: socket.socket) -> list[tuple[int, bytes]]:
@@ -3070,7 +3298,14 @@ def test_client_that_stops_reading(bedrock: FakeBedrock, tmp_path: Path) -> None
         stalled_at = time.monotonic()
         wait_for(lambda: server.health()["connections"] == 0, 10, "the stalled clients to be closed")
         assert 2 <= time.monotonic() - stalled_at < 8
-        assert server.health() == {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0}
+        assert server.health() == {
+            "status": "ok",
+            "connections": 0,
+            "sessions": 0,
+            "detached": 0,
+            "streams": 0,
+            "session_bytes": 0,
+        }
         closed_at = time.monotonic()
         for i in range(2):  # our own send failed, and the upstream was closed with it, at once
             (call,) = bedrock.calls_for(f"never read {i}")
@@ -3081,6 +3316,95 @@ def test_client_that_stops_reading(bedrock: FakeBedrock, tmp_path: Path) -> None
         with connect(server.ws_url) as ws:
             assert ask(ws, "my turn")[-1]["full_text"] == echo("my turn")
         assert "closing a WebSocket that read nothing for SEND_TIMEOUT=2s" in server.log()
+
+
+def long_session(server: Server, turns: int) -> dict[str, Any]:
+    """A session of `turns` questions of 30,000 four-byte characters, each echoed: ~240 kB a turn in its resumed
+    frame; returns its first start frame."""
+    starts = []
+    with connect(server.ws_url) as ws:
+        for i in range(turns):  # sent as UTF-8, not escaped: 120 kB frames (see test_frame_cost_counts_its_size)
+            ws.send(json.dumps({"question": chr(0x1F300 + i) * 30_000, "session_id": "long"}, ensure_ascii=False))
+            starts.append(read_answer(ws)[0])
+            assert starts[-1]["type"] == "start"
+    return starts[0]
+
+
+def kernel_tcp_kib() -> int:
+    """What the kernel's TCP buffers hold now, on the whole machine (KiB)."""
+    pages = int(re.search(r"TCP:.* mem (\d+)", Path("/proc/net/sockstat").read_text()).group(1))
+    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+# A client that reads nothing holds little kernel memory, and is closed within SEND_TIMEOUT (2 s here): 100 clients
+# with 4 KiB receive windows each resume a session of ~1.9 MB and read nothing. The server's kernel send buffers
+# (SEND_BUFFER) hold under 40 MB for all of them (on 207af5a, autotuned: ~2 MB each, 200 MB), and each is closed
+# within SEND_TIMEOUT of its stall.
+@slow
+def test_non_reading_resumers_hold_little_kernel_memory(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {"SESSION_TTL": 60, "RESUME_GRACE": 10, "SEND_TIMEOUT": 2}  # questions up to 32,000 characters
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
+        start = long_session(server, 8)
+        frame = json.dumps({"type": "resume", "session_id": "long", "resume_token": start["resume_token"]}).encode()
+        before, peak, clients = kernel_tcp_kib(), 0, []
+        for _ in range(100):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            upgrade = (
+                "GET /ws/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            sock.sendall(upgrade.encode())
+            assert sock.recv(12) == b"HTTP/1.1 101"
+            sock.sendall(client_frame(0x1, frame))
+            clients.append(sock)
+            peak = max(peak, kernel_tcp_kib() - before)
+        sent_at = time.monotonic()
+
+        def closed() -> bool:
+            nonlocal peak
+            peak = max(peak, kernel_tcp_kib() - before)
+            return server.health()["connections"] == 0
+
+        wait_for(closed, 10, "every client that reads nothing to be closed")
+        took = time.monotonic() - sent_at
+        for sock in clients:
+            sock.close()
+    print(f"100 non-reading resumers: kernel TCP memory +{peak / 1024:.1f} MiB at its peak; all closed in {took:.1f} s")
+    assert peak < 40 * MIB
+    assert took < 2 + 3
+    assert server.log().count("closing a WebSocket that read nothing for SEND_TIMEOUT=2s") == 100
+
+
+# A frame's cost counts by its size, at a frame's time (1/20 s) for each 32 kB: six frames of the largest size the
+# server takes (~384 kB, 11 frames' worth each) are all answered, but over ~3 s; six resumes of a long conversation
+# (~480,000 characters, 14 frames' worth) one every ~0.7 s; the connection stays open. (On 207af5a both were
+# answered at full speed: 4.8 ms of CPU for each resume, 1.5 to 2.7 ms for each large frame.)
+def test_frame_cost_counts_its_size(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {"SESSION_TTL": 60, "RESUME_GRACE": 10}  # questions up to 32,000 characters
+
+    def replies_within(ws: ClientConnection, n: int, seconds: float) -> int:
+        sent_at, early = time.monotonic(), 0
+        while time.monotonic() - sent_at < seconds:
+            with contextlib.suppress(TimeoutError):
+                assert json.loads(ws.recv(timeout=0.05))["type"] in ("error", "resumed")
+                early += 1
+        for _ in range(n - early):  # the rest come, and the connection stays open
+            assert json.loads(ws.recv(timeout=10))["type"] in ("error", "resumed")
+        return early
+
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
+        with connect(server.ws_url, max_size=None) as ws:
+            for _ in range(6):
+                ws.send(json.dumps({"question": "q" * (12 * 32_000)}))  # too_large, each
+            assert replies_within(ws, 6, 1.5) <= 4
+        start = long_session(server, 8)
+        with connect(server.ws_url, max_size=None) as ws:
+            for _ in range(6):
+                ws.send(json.dumps({"type": "resume", "session_id": "long", "resume_token": start["resume_token"]}))
+            assert replies_within(ws, 6, 1.5) <= 3
+            assert ask(ws, "still open", "long")[-1]["type"] == "end"
 
 
 # A text frame that is not UTF-8 closes that connection with 1007 and one log line, not a traceback.
