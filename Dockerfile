@@ -2,10 +2,8 @@ FROM python:3.11.14-slim-bookworm
 
 WORKDIR /app
 COPY requirements.txt .
-# only the service's pins: the lines above the tests section
-RUN sed '/^# --- tests/,$d' requirements.txt > /tmp/service.txt \
-    && pip install --no-cache-dir -r /tmp/service.txt \
-    && rm /tmp/service.txt
+# the service's pins only (the tests' are in requirements-dev.txt)
+RUN pip install --no-cache-dir -r requirements.txt
 COPY chat_stream.py .
 
 RUN useradd --system --uid 10001 --no-create-home chat

@@ -89,7 +89,7 @@ from pydantic import PrivateAttr, model_validator
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
@@ -541,6 +541,7 @@ class Store:
     shared = False  # sessions live beyond this process
     healthy = True  # the store answers (/healthz says 503 when not)
     sockets = 0  # connections it may hold open
+    where = "in this process"  # where sessions live, as the start-up line says it
 
     async def open(self) -> None:
         """At start-up: reach the store, or raise."""
@@ -698,7 +699,8 @@ class BedrockChat(ChatBedrockConverse):
 
 
 class OfflineChat(BaseChatModel):
-    """A deterministic model for demos and front-end work: it answers by quoting the question, word by word."""
+    """A deterministic model for demos and front-end work: it answers by quoting the question, word by word, in a
+    little markdown (a list, and the question in a code block)."""
 
     max_tokens: int | None = None
     delay: float = 0.02  # seconds between words, so the streaming is visible
@@ -708,7 +710,12 @@ class OfflineChat(BaseChatModel):
         return "offline"
 
     def _reply(self, messages: list[BaseMessage]) -> tuple[list[str], str, dict[str, int]]:
-        text = f"This is the offline demo model, so I can only echo. You asked: {messages[-1].text}"
+        question = messages[-1].text
+        fence = "`" * max(3, 1 + max(map(len, re.findall(r"`+", question)), default=0))  # longer than any in it
+        text = (
+            "This is the offline demo model: it can only echo.\n\n- no AWS account needed\n- streamed word by word, "
+            f"as Bedrock's answers are\n\nYou asked:\n\n{fence}\n{question}\n{fence}"
+        )
         ends = [m.end() for m in re.finditer(r"\S+", text)]  # subtle: linear; "\s*\S+" is quadratic on runs of spaces
         words = [text[start:end] for start, end in zip([0, *ends], ends, strict=False)]
         stop_reason = "max_tokens" if self.max_tokens and len(words) > self.max_tokens else "end_turn"
@@ -1171,29 +1178,48 @@ def host_allowed(host: str) -> bool:
         return any(name == p or (p.startswith("*.") and name.endswith(p[1:])) for p in ALLOWED_HOSTS)
 
 
-def handshake_allowed(ws: WebSocket) -> bool:
+def refusal(conn: HTTPConnection) -> tuple[int, str] | None:
+    """Why a handshake is refused, if it is: its HTTP status, and the reason as the log says it (never a key)."""
+    if not host_allowed(conn.headers.get("host", "")):
+        return 400, "Host not allowed"
     if CHAT_API_KEY is not None:
-        scheme, _, credentials = ws.headers.get("authorization", "").partition(" ")
-        given = credentials.strip() if scheme.lower() == "bearer" else ws.query_params.get("token", "")
+        scheme, _, credentials = conn.headers.get("authorization", "").partition(" ")
+        given = credentials.strip() if scheme.lower() == "bearer" else conn.query_params.get("token", "")
+        if not given:
+            return 403, "no key"
         if not hmac.compare_digest(given.encode(), CHAT_API_KEY.encode()):
-            return False
-    origin = ws.headers.get("origin", "").rstrip("/").lower()
-    if not origin or "*" in ALLOWED_ORIGINS or origin in ALLOWED_ORIGINS:
-        return True  # subtle: only browsers send Origin, and a browser page from another site must not get in
-    return urlsplit(origin).netloc == ws.headers.get("host", "").lower()  # a Host that ALLOWED_HOSTS let in
+            return 403, "wrong key"
+    origin = conn.headers.get("origin", "").rstrip("/").lower()
+    # subtle: only browsers send Origin, and a browser page from another site must not get in; our own page's Origin
+    # names the Host it was served from, one that ALLOWED_HOSTS let in
+    if origin and "*" not in ALLOWED_ORIGINS and origin not in ALLOWED_ORIGINS:
+        if urlsplit(origin).netloc != conn.headers.get("host", "").lower():
+            return 403, "origin"
+    if DRAINING.is_set():
+        return 503, "the server is restarting"
+    if len(CONNECTIONS) >= MAX_CONNECTIONS:
+        return 503, f"{MAX_CONNECTIONS=} are open"
+    return None
+
+
+def refused_why(conn: HTTPConnection, reason: str) -> str:
+    if reason == "origin":
+        return f"Origin {conn.headers.get('origin')!r} not allowed (ALLOWED_ORIGINS)"
+    if reason == "Host not allowed":
+        return f"Host {conn.headers.get('host')!r} not allowed (ALLOWED_HOSTS)"
+    return reason
 
 
 async def chat(ws: WebSocket) -> None:
-    if not host_allowed(ws.headers.get("host", "")):
-        await ws.send_denial_response(PlainTextResponse("Invalid host header", 400))
-        return
-    if not handshake_allowed(ws):
-        await ws.close(code=1008)  # before accept(): uvicorn answers the handshake with HTTP 403
-        return
-    if DRAINING.is_set() or len(CONNECTIONS) >= MAX_CONNECTIONS:
-        reason = "the server is restarting" if DRAINING.is_set() else f"{MAX_CONNECTIONS=} are open"
-        log.warning("refused a WebSocket: %s", reason)
-        await ws.send_denial_response(PlainTextResponse(f"Refused: {reason}; try again shortly.", 503))
+    if refused := refusal(ws):
+        status, reason = refused
+        log.warning("refused a WebSocket: %s", refused_why(ws, reason))
+        if status == 400:
+            await ws.send_denial_response(PlainTextResponse("Invalid host header", 400))
+        elif status == 403:
+            await ws.close(code=1008)  # before accept(): uvicorn answers the handshake with HTTP 403
+        else:
+            await ws.send_denial_response(PlainTextResponse(f"Refused: {reason}; try again shortly.", 503))
         return
     CONNECTIONS[ws] = None
     held: set[Session] = set()  # the sessions this connection attached (another may have taken one over since)
@@ -1209,7 +1235,7 @@ async def chat(ws: WebSocket) -> None:
             except BadRequest as bad:
                 await refuse(ws, bad.frame)
             except StoreUnavailable as exc:
-                log.warning("the session store failed: %s", exc)
+                log.debug("the session store failed: %s", exc)  # the store says so once, not at each question
                 await refuse(ws, error_frame("store_down", request.get("session_id")))
             CONNECTIONS[ws] = sending
     except (WebSocketDisconnect, WebSocketDisconnected):
@@ -1366,7 +1392,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     try:
         if isinstance(MODEL, BedrockChat):
             await MODEL.open()
-        log.info("chat-stream ready: model=%s", BEDROCK_MODEL_ID)
+        log.info("chat-stream started: model=%s, sessions %s", BEDROCK_MODEL_ID, STORE.where)
         yield
     finally:
         if isinstance(MODEL, BedrockChat):
@@ -1382,7 +1408,9 @@ class HostCheck:
         self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] in ("http", "websocket") and not host_allowed(Headers(scope=scope).get("host", "")):
+        if scope["type"] in ("http", "websocket") and not host_allowed(host := Headers(scope=scope).get("host", "")):
+            if scope["type"] == "websocket":
+                log.warning("refused a WebSocket: Host %r not allowed (ALLOWED_HOSTS)", host)
             await PlainTextResponse("Invalid host header", status_code=400)(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -1547,6 +1575,7 @@ class RedisStore(Store):
         )
         self.redis = redis.asyncio.Redis(connection_pool=pool)
         self.sockets = MAX_CONNECTIONS + 16
+        self.where = f"in Redis at {shown(url)}"
         scripts = ("BEGIN", "CLAIM", "SETTLE", "RELEASE", "EVICT", "FORGET", "FLUSH", "TOUCH")
         self.scripts = {name: self.redis.register_script(getattr(self, name)) for name in scripts}
         self.process = f"chat:process:{PROCESS}"
@@ -1586,7 +1615,15 @@ class RedisStore(Store):
         try:
             yield
         except RedisError as exc:
+            self.failing(exc)
             raise StoreUnavailable(f"Redis: {exc}") from exc
+
+    def failing(self, exc: RedisError) -> None:
+        """Redis failed: one WARNING line for the outage, not one a request (the next write that works says it is
+        back)."""
+        if self.healthy:
+            log.warning("Redis fails (REDIS_URL): %s; questions get unavailable until it answers again", exc)
+        self.healthy = False
 
     def spawn(self, coroutine: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coroutine)
@@ -1747,10 +1784,12 @@ class RedisStore(Store):
             args += [turn.id for turn in self.live if written.get(turn, (0, None))[1] is None]
         try:
             await self.scripts["FLUSH"]([*keys, self.process], args)
-        except RedisError:
-            self.healthy = False
+        except RedisError as exc:
+            self.failing(exc)
             self.dirty |= turns  # written again, whole, next time: a follower counts each seq once
             raise
+        if not self.healthy:
+            log.info("Redis answers again: questions are taken")
         self.healthy = True
         for turn, (count, final) in written.items():
             self.shared[turn] = count
@@ -1827,10 +1866,15 @@ class RedisStore(Store):
             halt(turn, "cancelled")
 
 
+def shown(url: str) -> str:
+    """A Redis URL without its password."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
+
+
 def reach_redis(url: str) -> None:
     """At start-up: one clear line and exit 1 if Redis does not answer (the password never shows)."""
-    parts = urlsplit(url)
-    where = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
+    where = shown(url)
     try:
         with redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3) as client:
             client.ping()
@@ -2074,20 +2118,34 @@ async def page(request: Request) -> HTMLResponse:
     return HTMLResponse(PAGE, headers=PAGE_HEADERS)
 
 
-PAGE = """<!doctype html>
+PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>chat-stream</title>
 <style>
   :root { color-scheme: light dark; --accent: #1756a9; --muted: #666; font: 16px/1.5 system-ui, sans-serif; }
-  body { margin: 0 auto; max-width: 46rem; min-height: 100dvh; display: flex; flex-direction: column; padding: 0 1rem; }
+  body { margin: 0 auto; max-width: 46rem; height: 100dvh; display: flex; flex-direction: column; padding: 0 1rem;
+    box-sizing: border-box; }
   header { display: flex; gap: 1rem; align-items: center; padding: .75rem 0; border-bottom: 1px solid #8884; }
   h1 { font-size: 1.1rem; margin: 0; flex: 1; white-space: nowrap; }
   #state { font-size: .85rem; color: var(--muted); } #state.connected { color: #1a7f37; }
-  #log { flex: 1; padding: 1rem 0; }
-  .msg { white-space: pre-wrap; overflow-wrap: anywhere; margin: .5rem 0; padding: .5rem .75rem; border-radius: .5rem; }
+  #state.refused { color: #c62828; }
+  #log { flex: 1; min-height: 0; overflow-y: auto; padding: 1rem 0; }
+  .msg { overflow-wrap: anywhere; margin: .5rem 0; padding: .5rem .75rem; border-radius: .5rem; }
+  .user, .note, .error, .bot p, .bot li, .bot td, .bot th { white-space: pre-wrap; }
   .user { background: #1756a91a; margin-left: 15%; } .bot { background: #8881; margin-right: 15%; }
   .error { border: 1px solid #c62828; color: #c62828; } .note { color: var(--muted); font-size: .85rem; }
-  form { display: flex; gap: .5rem; padding: .75rem 0; position: sticky; bottom: 0; background: Canvas; }
+  .bot > :first-child { margin-top: 0; } .bot > :last-child { margin-bottom: 0; } .bot p { margin: .5em 0; }
+  .bot h1, .bot h2, .bot h3, .bot h4, .bot h5, .bot h6 { font-size: 1.05em; margin: .8em 0 .3em; }
+  .bot ul, .bot ol { margin: .5em 0; padding-left: 1.5em; }
+  .bot pre { overflow-x: auto; padding: .5rem .75rem; background: #8882; border-radius: .3rem; }
+  .bot code { font: .9em/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+  .bot :not(pre) > code { background: #8882; padding: 0 .25em; border-radius: .2em; }
+  .bot blockquote { margin: .5em 0; padding-left: .75em; border-left: 3px solid #8886; color: var(--muted); }
+  .bot table { border-collapse: collapse; display: block; overflow-x: auto; margin: .5em 0; }
+  .bot th, .bot td { border: 1px solid #8886; padding: .2em .5em; overflow-wrap: normal; }
+  @media (max-width: 600px) { .user { margin-left: 8%; } .bot { margin-right: 0; } }
+  .bot a { color: var(--accent); }
+  form { display: flex; gap: .5rem; padding: .75rem 0; }
   textarea { flex: 1; font: inherit; padding: .5rem; resize: vertical; min-height: 2.5rem; }
   button { font: inherit; padding: .4rem .9rem; border-radius: .4rem; border: 1px solid var(--accent); }
   #send { background: var(--accent); color: #fff; } button:disabled { opacity: .5; }
@@ -2102,51 +2160,204 @@ PAGE = """<!doctype html>
   <button id="send">Send</button></form>
 <script>
 const $ = (id) => document.getElementById(id);
+const log = $("log");
 const token = new URLSearchParams(location.search).get("token");
 const url = new URL("ws/chat/completions", location.href);  // beside the page, wherever the app is mounted
 url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
 url.search = token ? `?token=${encodeURIComponent(token)}` : "";
 const saved = sessionStorage;  // this tab's conversation: it survives a refresh, and no other tab sees it
-let ws, answer = null, turnId = null, seq = 0, streaming = false, retries = 0;
+let ws, answer = null, turnId = null, seq = 0, streaming = false, retries = 0, following = true, drawing = 0;
+let asked = null;  // the question of the turn in progress
 
-function show(kind, text) {  // text only: message content never becomes HTML
+// Markdown, as models write it, built as DOM nodes: text only ever goes in as text (no HTML string is parsed),
+// links only to http(s) and mailto, and images become links (a markdown image is a way to leak a conversation).
+function node(tag, children = [], props = {}) {
+  const el = Object.assign(document.createElement(tag), props);
+  el.append(...(typeof children === "string" ? [children] : children));
+  return el;
+}
+function safeUrl(raw) {
+  if (!/^(https?:\/\/|mailto:)/i.test(raw)) return null;
+  try { return new URL(raw).href; } catch { return null; }
+}
+function link(href, children) {
+  return node("a", children, { href, target: "_blank", rel: "noopener noreferrer" });
+}
+const INLINE = new RegExp([
+  "(?<ticks>`+)(?<code>[^`]|[^`][\\s\\S]*?[^`])\\k<ticks>(?!`)",
+  "(?<bang>!?)\\[(?<label>[^\\]\\n]*)\\]\\((?<href>[^\\s()]*)(?:\\s+\"[^\"\\n]*\")?\\)",
+  "<(?<auto>(?:https?://|mailto:)[^\\s<>]+)>",
+  "(?<se>\\*\\*\\*)(?<seText>\\S(?:[^\\n]*?\\S)??)\\*\\*\\*",
+  "\\*\\*(?<sText>\\S(?:[^\\n]*?\\S)??)\\*\\*",
+  "(?<!\\w)__(?<uText>\\S(?:[^\\n]*?\\S)??)__(?!\\w)",
+  "\\*(?<eText>\\S(?:[^\\n]*?\\S)??)\\*",
+  "(?<!\\w)_(?<fText>\\S(?:[^\\n]*?\\S)??)_(?!\\w)",
+  "~~(?<dText>\\S(?:[^\\n]*?\\S)??)~~",
+  "\\\\(?<esc>[!-/:-@\\[-`{-~])",
+  "(?<bare>https?://[^\\s<>]*[^\\s<>.,;:!?'\")\\]*_~])",
+].join("|"), "g");
+function inline(text, depth = 0) {
+  if (depth > 8) return [text];
+  const out = [];
+  let at = 0;
+  for (const m of text.matchAll(INLINE)) {
+    if (m.index > at) out.push(text.slice(at, m.index));
+    at = m.index + m[0].length;
+    const g = m.groups, deeper = (t) => inline(t, depth + 1);
+    if (g.ticks) out.push(node("code", g.code.replace(/^ (.+) $/, "$1")));
+    else if (g.label !== undefined) {
+      const href = safeUrl(g.href);
+      if (g.bang) out.push(href ? link(href, `[image: ${g.label || "untitled"}]`) : g.label);
+      else out.push(...(href ? [link(href, deeper(g.label))] : deeper(g.label)));
+    } else if (g.auto) out.push(safeUrl(g.auto) ? link(safeUrl(g.auto), g.auto) : g.auto);
+    else if (g.seText) out.push(node("strong", [node("em", deeper(g.seText))]));
+    else if (g.sText || g.uText) out.push(node("strong", deeper(g.sText || g.uText)));
+    else if (g.eText || g.fText) out.push(node("em", deeper(g.eText || g.fText)));
+    else if (g.dText) out.push(node("del", deeper(g.dText)));
+    else if (g.esc) out.push(g.esc);
+    else if (g.bare) out.push(safeUrl(g.bare) ? link(safeUrl(g.bare), g.bare) : g.bare);
+  }
+  if (at < text.length) out.push(text.slice(at));
+  return out;
+}
+const FENCE = /^ {0,3}(`{3,}|~{3,})/, HEADING = /^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$/;
+const RULE = /^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$/, QUOTE = /^ {0,3}> ?/;
+const ITEM = /^( {0,12})([-*+]|\d{1,9}[.)])[ \t]+(.*)$/, ROW = /\|/, DIVIDER = /^ *\|? *:?-+:? *(\| *:?-+:? *)*\|? *$/;
+const starts = (line) => [FENCE, HEADING, RULE, QUOTE, ITEM].some((block) => block.test(line));  // ends a paragraph
+const cells = (line) => line.trim().replace(/^\|/, "").replace(/\|$/, "").split("|").map((cell) => cell.trim());
+function blocks(lines, depth = 0) {
+  const out = [];
+  for (let i = 0; i < lines.length;) {
+    const line = lines[i];
+    let m;
+    if (!line.trim()) i++;
+    else if (depth > 8) { out.push(node("p", lines.slice(i).join("\n"))); break; }
+    else if ((m = FENCE.exec(line))) {  // to its closing fence, or to the end while the answer streams
+      const code = [], close = new RegExp(`^ {0,3}${m[1][0] === "`" ? "`" : "~"}{${m[1].length},}[ \\t]*$`);
+      for (i++; i < lines.length && !close.test(lines[i]); i++) code.push(lines[i]);
+      out.push(node("pre", [node("code", code.join("\n"))]));
+      i++;
+    } else if ((m = HEADING.exec(line))) { out.push(node(`h${m[1].length}`, inline(m[2]))); i++; }
+    else if (RULE.test(line)) { out.push(node("hr")); i++; }
+    else if (QUOTE.test(line)) {
+      const quoted = [];
+      for (; i < lines.length && QUOTE.test(lines[i]); i++) quoted.push(lines[i].replace(QUOTE, ""));
+      out.push(node("blockquote", blocks(quoted, depth + 1)));
+    } else if ((m = ITEM.exec(line))) {
+      const indent = m[1].length, ordered = /\d/.test(m[2]), list = node(ordered ? "ol" : "ul");
+      if (ordered && parseInt(m[2], 10) !== 1) list.start = parseInt(m[2], 10);
+      const within = (next) => next.trim() !== "" && next.slice(0, indent + 2).trim() === "";  // under the item
+      while (i < lines.length && (m = ITEM.exec(lines[i])) && m[1].length === indent && /\d/.test(m[2]) === ordered) {
+        const item = [m[3]];
+        for (i++; i < lines.length; i++) {
+          const next = lines[i];
+          if (within(next)) item.push(next.slice(indent + 2));
+          else if (!next.trim() && i + 1 < lines.length && within(lines[i + 1])) item.push("");
+          else if (next.trim() && !starts(next) && item[item.length - 1].trim()) item.push(next.trim());  // lazy line
+          else break;
+        }
+        const content = blocks(item, depth + 1), tight = !item.includes("");  // no blank line: no paragraphs
+        list.append(node("li", content.flatMap((el) => (tight && el.tagName === "P" ? [...el.childNodes] : [el]))));
+      }
+      out.push(list);
+    } else if (ROW.test(line) && i + 1 < lines.length && DIVIDER.test(lines[i + 1])) {
+      const head = cells(line), rows = [];
+      for (i += 2; i < lines.length && ROW.test(lines[i]) && lines[i].trim(); i++) rows.push(cells(lines[i]));
+      const row = (tag, values) => node("tr", head.map((_, k) => node(tag, inline(values[k] ?? ""))));
+      out.push(node("table", [node("thead", [row("th", head)]), node("tbody", rows.map((r) => row("td", r)))]));
+    } else {
+      const paragraph = [line];
+      for (i++; i < lines.length && lines[i].trim() && !starts(lines[i]); i++) paragraph.push(lines[i]);
+      out.push(node("p", inline(paragraph.join("\n"))));
+    }
+  }
+  return out;
+}
+function markdown(el, text) { el.replaceChildren(...blocks(text.split("\n"))); }
+
+function follow() { if (following) log.scrollTop = log.scrollHeight; }  // the newest text in view, unless the
+log.onscroll = () => { following = log.scrollHeight - log.scrollTop - log.clientHeight < 32; };  // user scrolled up
+function show(kind, text) {  // the model's answers as markdown; everything else as plain text
   const el = document.createElement("div");
   el.className = `msg ${kind}`;
-  el.textContent = text;
-  $("log").append(el);
-  el.scrollIntoView({ block: "end" });
+  el.source = text;
+  if (kind === "bot") markdown(el, text); else el.textContent = text;
+  log.append(el);
+  follow();
   return el;
+}
+function draw() {  // an answer's markdown again, at most once a frame while it streams
+  drawing = 0;
+  if (answer) { markdown(answer, answer.source); follow(); }
 }
 function setStreaming(on) { streaming = on; $("send").textContent = on ? "Stop" : "Send"; $("new").disabled = on; }
 function setState(text, cls = "") { $("state").textContent = text; $("state").className = cls; }
-function forget() { saved.removeItem("session_id"); saved.removeItem("resume_token"); answer = turnId = null; }
+function forget() {
+  for (const key of ["session_id", "resume_token", "notes", "answers"]) saved.removeItem(key);
+  answer = turnId = null;
+}
+function answers() { return Number(saved.getItem("answers") || 0); }  // answers in the conversation so far
+function notes() { return JSON.parse(saved.getItem("notes") || "[]"); }
+function note(kind, text, keep = true, question = null) {  // kept with the number of answers before it, for a
+  show(kind, text);  // refresh, and with its question when the server keeps no trace of that turn
+  if (keep) saved.setItem("notes", JSON.stringify([...notes(), { at: answers(), kind, text, question }]));
+}
 
 function resumed(frame) {  // redraw the conversation as the server holds it; carry on its pending turn
   const keep = frame.pending && frame.pending.turn_id === turnId ? answer : null;  // tokens up to `seq` are shown
-  $("log").replaceChildren();
-  for (const turn of frame.history) show(turn.role === "user" ? "user" : "bot", turn.text);
+  log.replaceChildren();
+  const kept = notes(), held = frame.history.filter((turn) => turn.role === "assistant").length;
+  const offset = Math.max(0, answers() - held);  // the oldest answers, which the server no longer holds
+  saved.setItem("answers", held + offset);
+  const redraw = (at) => kept.filter((n) => n.at - offset === at).forEach((n) => {
+    if (n.question) show("user", n.question);
+    show(n.kind, n.text);
+  });
+  let shown = 0;
+  redraw(0);
+  for (const turn of frame.history) {
+    show(turn.role === "user" ? "user" : "bot", turn.text);
+    if (turn.role === "assistant") redraw(++shown);
+  }
   answer = null;
+  asked = frame.pending && frame.pending.question;
   if (frame.pending) {
     show("user", frame.pending.question);
-    answer = keep ? $("log").appendChild(keep) : show("bot", "");
+    answer = keep ? log.appendChild(keep) : show("bot", "");
     if (!keep) [turnId, seq] = [frame.pending.turn_id, 0];
   }
   setStreaming(!!frame.pending);
+  following = true;
+  follow();
 }
 
+const REFUSED = {  // a handshake refused for a reason that retrying cannot fix (see refused)
+  "no key": "refused: this server needs a key; open this page as /?token=<key>",
+  "wrong key": "refused: the key in ?token= is not this server's",
+  origin: "refused: this page's origin is not allowed (ALLOWED_ORIGINS)",
+};
+async function refused() {  // the handshake failed: ask the server why (a refusal), or find it down (null)
+  try {
+    const response = await fetch(url.href.replace(/^ws/, "http"), { cache: "no-store" });
+    return response.ok ? "" : (await response.json()).reason || "";
+  } catch { return null; }
+}
 function connect() {
   setState("connecting…");
+  let opened = false;
   ws = new WebSocket(url);
   ws.onopen = () => {
-    retries = 0; setState("connected", "connected");
+    opened = true; retries = 0; setState("connected", "connected");
     const [session_id, resume_token] = [saved.getItem("session_id"), saved.getItem("resume_token")];
     if (session_id && resume_token)  // after a drop or a refresh: pick up where this tab left off
       ws.send(JSON.stringify({ type: "resume", session_id, resume_token, turn_id: turnId, after: seq }));
-    else if (streaming) { setStreaming(false); show("note", "The connection dropped before the answer began."); }
+    else if (streaming) { setStreaming(false); note("note", "The connection dropped before the answer began."); }
   };
-  ws.onclose = () => {
+  ws.onclose = async () => {
+    const why = opened ? "" : await refused();
+    if (why && REFUSED[why]) return setState(REFUSED[why], "refused");  // no retry: a person must act
     const wait = Math.min(500 * 2 ** retries++, 8000);
-    setState(`disconnected, retrying in ${wait / 1000}s`);
+    setState(`${why ? `refused (${why})` : "disconnected"}, retrying in ${wait / 1000}s`);
     setTimeout(connect, wait);
   };
   ws.onmessage = (event) => {
@@ -2157,18 +2368,22 @@ function connect() {
       answer = show("bot", "");
     } else if (frame.type === "token") {
       if (frame.seq !== seq + 1 || !answer) return;  // never shown twice
-      answer.append(frame.text); seq = frame.seq;
-      answer.scrollIntoView({ block: "end" });
+      answer.source += frame.text; seq = frame.seq;
+      drawing = drawing || requestAnimationFrame(draw);
     } else if (frame.type === "resumed") resumed(frame);
     else if (frame.type === "error" && frame.code === "not_found") {
       forget(); setStreaming(false);
-      show("note", "The server no longer has this conversation; a new one starts with your next question.");
+      note("note", "The server no longer has this conversation; a new one starts with your next question.", false);
     } else {  // end or error
-      if (answer && !answer.textContent) answer.remove();
-      if (frame.type === "error") show("error", `${frame.message} (${frame.code})`);
-      else if (frame.stop_reason === "cancelled") show("note", "Stopped.");
+      cancelAnimationFrame(drawing); draw();
+      const kept = frame.type === "end" && !!answer && !!answer.source;  // the server keeps the turn
+      if (answer && !answer.source) answer.remove();
+      else if (kept) saved.setItem("answers", answers() + 1);
+      if (frame.type === "error") note("error", `${frame.message} (${frame.code})`, true, kept ? null : asked);
+      else if (frame.stop_reason === "cancelled") note("note", "Stopped.", true, kept ? null : asked);
+      asked = null;
       if (frame.history_trimmed)  // the model no longer sees the start of the conversation: say so
-        show("note", `The model no longer sees the ${frame.history_trimmed} oldest exchange(s) of this conversation.`);
+        note("note", `The model no longer sees the ${frame.history_trimmed} oldest exchange(s) of this conversation.`);
       answer = null;
       setStreaming(false);
     }
@@ -2181,7 +2396,8 @@ $("ask").onsubmit = (event) => {
   if (streaming) return ws.send(JSON.stringify({ type: "cancel" }));
   const question = $("question").value;
   if (!question.trim()) return;
-  show("user", question);
+  following = true;
+  show("user", (asked = question));
   ws.send(JSON.stringify({ question, session_id: saved.getItem("session_id") }));  // none yet: the server mints one
   $("question").value = "";
   setStreaming(true);
@@ -2194,7 +2410,7 @@ $("question").onkeydown = (event) => {
 $("new").onclick = () => {  // the server forgets the old conversation at once
   const session_id = saved.getItem("session_id");
   if (session_id && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "end_session", session_id }));
-  forget(); $("log").replaceChildren(); $("question").focus();
+  forget(); log.replaceChildren(); $("question").focus();
 };
 connect();
 </script>
@@ -2216,7 +2432,18 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",  # the page's URL may hold ?token=
 }
 
+
+async def handshake_check(request: Request) -> JSONResponse:
+    """GET on the chat route's path: would this page's handshake be accepted, and if not, why ("no key", "wrong key",
+    "origin", or the 503's reason)? The page asks when its WebSocket fails to open, to tell a refusal a person must
+    fix from a server that is down; it learns no more than the handshake's own status says."""
+    if refused := refusal(request):
+        return JSONResponse({"accepted": False, "reason": refused[1]}, status_code=refused[0])
+    return JSONResponse({"accepted": True})
+
+
 app.router.routes.append(Route("/", page))
+app.router.routes.append(Route("/ws/chat/completions", handshake_check))
 
 
 # --- the server: uvicorn with its own protocols and the limits a service on a network needs, the drain on SIGTERM,
@@ -2294,6 +2521,14 @@ def tuned(lifespan: Callable[[Starlette], Any]) -> Callable[[Starlette], Any]:
             gc.set_threshold(50_000, 20, 20)
             if CHAT_API_KEY is None and HOST not in ("127.0.0.1", "localhost", "::1"):
                 log.warning("listening on %s without CHAT_API_KEY: anyone who reaches this port uses the model", HOST)
+            if isinstance(MODEL, BedrockChat) and (missing := await no_credentials()):
+                log.warning(
+                    "%s: give them (AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a role), or run "
+                    "with BEDROCK_MODEL_ID=offline; every question gets access_denied meanwhile",
+                    missing,
+                )
+            if WORKERS > 1:  # each worker starts on the socket its supervisor listens on
+                log.info(ready_line())
             yield
 
     return tuned_lifespan
@@ -2367,6 +2602,9 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         await super().send(message)
         if message["type"] == "websocket.send":
             self.owe(len(message.get("text") or message.get("bytes") or ""))  # subtle: characters, of text
+        elif message["type"] == "websocket.http.response.body" and not message.get("more_body"):
+            self.handshake_complete = True  # subtle: answered with a denial response (400, 503): uvicorn 0.54 would
+            # log "ASGI callable returned without completing handshake" as an ERROR after each one
 
     async def receive(self) -> Any:
         """The app's next message, once the large frames before it have been paid for (uvicorn reads at most one more
@@ -2444,8 +2682,28 @@ async def drain() -> None:
     await asyncio.gather(*(turn.task for turn in STREAMS), return_exceptions=True)
 
 
+async def no_credentials() -> str | None:
+    """Why the model will find no AWS credentials, if it will not (botocore's chain: the environment, AWS_PROFILE or the
+    shared files, SSO, the container's or the instance's role)."""
+    try:
+        found = await AioSession(profile=AWS_PROFILE).get_credentials()
+    except BotoCoreError as exc:
+        return f"no AWS credentials for {BEDROCK_MODEL_ID}: {exc}"
+    return None if found else f"no AWS credentials found for {BEDROCK_MODEL_ID}"
+
+
+def ready_line() -> str:
+    return f"chat-stream ready on http://{HOST}:{PORT}/ (model={BEDROCK_MODEL_ID}, sessions {STORE.where})"
+
+
 class Server(uvicorn.Server):
-    """uvicorn's server, draining before its own shutdown (which fails every WebSocket with 1012 at once)."""
+    """uvicorn's server, saying it is ready once it listens, and draining before its own shutdown (which fails every
+    WebSocket with 1012 at once)."""
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            log.info(ready_line())
 
     async def shutdown(self, sockets: list[Any] | None = None) -> None:
         await drain()
@@ -2461,6 +2719,16 @@ def serve() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
     if hard < needed:
         print(early_line(f"open-file limit {hard} < {needed} needed at MAX_CONNECTIONS", "WARNING"), file=sys.stderr)
+    if WORKERS > 1 and not STORE.shared:
+        warning = f"WORKERS={WORKERS} without REDIS_URL: a resume finds its session only on the worker that holds it"
+        print(early_line(f"{warning} (set REDIS_URL, or make connections sticky)", "WARNING"), file=sys.stderr)
+    try:  # subtle: uvicorn would start the app, say its startup is complete, and only then fail to listen
+        with socket.create_server((HOST, PORT), reuse_port=False) as probe:
+            probe.close()
+    except OSError as exc:
+        sys.exit(
+            early_line(f"cannot listen on {HOST}:{PORT} (HOST, PORT): {os.strerror(exc.errno) if exc.errno else exc}")
+        )
     options = {
         "host": HOST,
         "port": PORT,

