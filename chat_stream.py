@@ -385,10 +385,15 @@ def client_of(ws: WebSocket) -> str:
 
 def new_session(session_id: str | None, ws: WebSocket, question: str) -> Session:
     """A session attached to `ws` (an id is minted if the client gave none), with room for its first turn; refused
-    (BadRequest) when full with sessions all attached."""
-    if why := room(1, ANSWER_BYTES + sys.getsizeof(question)):
+    (BadRequest) when full with sessions all attached, or when full and the client already left
+    MAX_DETACHED_PER_CLIENT waiting (it would only make room by evicting its own)."""
+    client, more = client_of(ws), ANSWER_BYTES + sys.getsizeof(question)
+    full = len(SESSIONS) >= MAX_SESSIONS or MEMORY.used + more > MEMORY.limit
+    if full and len(WAITING.get(client, ())) >= MAX_DETACHED_PER_CLIENT:
+        raise BadRequest("client_full", session_id)
+    if why := room(1, more):
         raise BadRequest(why, session_id)
-    session = Session(session_id or secrets.token_urlsafe(16), ws, client=client_of(ws))
+    session = Session(session_id or secrets.token_urlsafe(16), ws, client=client)
     keep(session)
     return session
 
@@ -851,6 +856,11 @@ ERRORS = {  # what went wrong -> (the code a client acts on, the message it show
     "busy": ("busy", "An answer is already streaming; wait for it or cancel it."),
     "sessions_full": ("busy", f"{MAX_SESSIONS=} are all in use; try again later."),
     "memory_full": ("busy", "The server's memory for conversations (MAX_SESSION_MEMORY_MB) is full; try again later."),
+    "client_full": (
+        "busy",
+        f"The server is full, and {MAX_DETACHED_PER_CLIENT} conversations from your address wait for a resume; "
+        "resume or end one of them, or try again later.",
+    ),
     "in_use": ("session_in_use", "This session is open on another connection; resume it with its resume_token first."),
     "not_found": (
         "not_found",

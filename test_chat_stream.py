@@ -1880,16 +1880,19 @@ def connect_from(server: Server, address: str, **options: Any) -> ClientConnecti
 
 async def flood_sessions(
     url: str, connections: int, at_once: int, cancel: bool = True, source: str = "127.0.0.1"
-) -> None:
+) -> list[dict[str, Any]]:
     """One client making sessions as fast as it can: each connection asks in four new sessions, cancelling each
     answer at its start frame (empty sessions, the attack of issue 21) or reading it (one turn each), then closes;
-    `at_once` connections at a time, from the address `source`."""
+    `at_once` connections at a time, from the address `source`. Returns the refusals it got instead of a start."""
+    refusals = []
 
     async def one() -> None:
         async with websockets.connect(url, local_addr=(source, 0)) as ws:
             for _ in range(4):
                 await ws.send(json.dumps({"question": "flood"}))
-                assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "start"
+                if (first := json.loads(await asyncio.wait_for(ws.recv(), 10)))["type"] == "error":
+                    refusals.append(first)
+                    continue
                 if cancel:
                     await ws.send(json.dumps({"type": "cancel"}))
                 while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] not in ("end", "error"):
@@ -1897,12 +1900,14 @@ async def flood_sessions(
 
     for _ in range(0, connections, at_once):
         await asyncio.gather(*(one() for _ in range(at_once)))
+    return refusals
 
 
 # One client making sessions as fast as it can evicts only its own: it leaves at most MAX_DETACHED_PER_CLIENT (8 here)
 # waiting, and when MAX_SESSIONS (16) is reached, the client that left the most goes first (its sessions hold a turn
 # each here, as the others' do). Five other clients' waiting conversations all resume, whole. (On bafa7fe the oldest
-# detached went first: all five were lost.) Empty sessions, as the issue's attack made them: the same.
+# detached went first: all five were lost.) Empty sessions, as the issue's attack made them: the same. Once the server
+# is full, the client with its 8 waiting gets a clear refusal for a new session ("busy"), not room made from its own.
 @pytest.mark.parametrize("cancel", [False, True], ids=["one turn each", "empty"])
 def test_a_flood_of_sessions_evicts_no_one_else(bedrock: FakeBedrock, tmp_path: Path, cancel: bool) -> None:
     settings = {"SESSION_TTL": 60, "RESUME_GRACE": 5, "MAX_SESSIONS": 16, "MAX_DETACHED_PER_CLIENT": 8}
@@ -1912,7 +1917,11 @@ def test_a_flood_of_sessions_evicts_no_one_else(bedrock: FakeBedrock, tmp_path: 
         for i in range(5):
             with connect_from(server, f"127.0.0.{i + 2}") as ws:
                 users.append(ask(ws, f"remember {i}", None)[0])
-        asyncio.run(flood_sessions(server.ws_url, 30, 2, cancel, "127.0.0.9"))  # 120 sessions, 8 held at a time
+        refused = asyncio.run(flood_sessions(server.ws_url, 30, 2, cancel, "127.0.0.9"))  # 120 asked, 8 held at once
+        full = "The server is full, and 8 conversations from your address wait for a resume; resume or end one of them"
+        assert refused and refused == [
+            {"type": "error", "code": "busy", "message": f"{full}, or try again later."}
+        ] * len(refused)
         wait_for(lambda: server.health()["detached"] == 5 + 8, 5, "the flood's sessions to be left, 8 of them")
         with connect_from(server, "127.0.0.7") as a, connect_from(server, "127.0.0.8") as b:  # (.9 sorts last)
             for i in range(4):  # 13 waiting and 8 new ones: 5 go, all the flood's
