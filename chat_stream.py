@@ -2183,7 +2183,8 @@ let asked = null;  // the question of the turn in progress
 // links only to http(s) and mailto, and images become links (a markdown image is a way to leak a conversation).
 function node(tag, children = [], props = {}) {
   const el = Object.assign(document.createElement(tag), props);
-  el.append(...(typeof children === "string" ? [children] : children));
+  for (const child of typeof children === "string" ? [children] : children) el.append(child);  // subtle: a loop, not
+  // a spread: an answer of 100,000 escaped characters would overflow the call stack
   return el;
 }
 function safeUrl(raw) {
@@ -2194,31 +2195,33 @@ function link(href, children) {
   return node("a", children, { href, target: "_blank", rel: "noopener noreferrer" });
 }
 const INLINE = new RegExp([
-  "(?<ticks>`+)(?<code>[^`]|[^`][\\s\\S]*?[^`])\\k<ticks>(?!`)",
+  "(?<!(?<!\\\\)`)(?<ticks>`+)(?<code>[^`]|[^`][\\s\\S]*?[^`])\\k<ticks>(?!`)",  // only where a run of ticks begins
   "(?<bang>!?)\\[(?<label>[^\\]\\n]*)\\]\\((?<href>[^\\s()]*)(?:\\s+\"[^\"\\n]*\")?\\)",
   "<(?<auto>(?:https?://|mailto:)[^\\s<>]+)>",
-  "(?<se>\\*\\*\\*)(?<seText>\\S(?:[^\\n]*?\\S)??)\\*\\*\\*",
-  "\\*\\*(?<sText>\\S(?:[^\\n]*?\\S)??)\\*\\*",
-  "(?<!\\w)__(?<uText>\\S(?:[^\\n]*?\\S)??)__(?!\\w)",
-  "\\*(?<eText>\\S(?:[^\\n]*?\\S)??)\\*",
-  "(?<!\\w)_(?<fText>\\S(?:[^\\n]*?\\S)??)_(?!\\w)",
-  "~~(?<dText>\\S(?:[^\\n]*?\\S)??)~~",
+  "(?<se>\\*\\*\\*)(?<seText>\\S(?:[^\\n]{0,500}?\\S)??)\\*\\*\\*",
+  "\\*\\*(?<sText>\\S(?:[^\\n]{0,500}?\\S)??)\\*\\*",
+  "(?<!\\w)__(?<uText>\\S(?:[^\\n]{0,500}?\\S)??)__(?!\\w)",
+  "\\*(?<eText>\\S(?:[^\\n]{0,500}?\\S)??)\\*",
+  "(?<!\\w)_(?<fText>\\S(?:[^\\n]{0,500}?\\S)??)_(?!\\w)",
+  "~~(?<dText>\\S(?:[^\\n]{0,500}?\\S)??)~~",
   "\\\\(?<esc>[!-/:-@\\[-`{-~])",
   "(?<bare>https?://[^\\s<>]*[^\\s<>.,;:!?'\")\\]*_~])",
 ].join("|"), "g");
-function inline(text, depth = 0) {
+function inline(text, depth = 0, inLink = false) {  // inLink: a link's label, in which no link starts
   if (depth > 8) return [text];
   const out = [];
   let at = 0;
   for (const m of text.matchAll(INLINE)) {
     if (m.index > at) out.push(text.slice(at, m.index));
     at = m.index + m[0].length;
-    const g = m.groups, deeper = (t) => inline(t, depth + 1);
+    const g = m.groups, deeper = (t, label = inLink) => inline(t, depth + 1, label);
+    if (inLink && (g.label !== undefined || g.auto || g.bare)) { out.push(m[0]); continue; }
     if (g.ticks) out.push(node("code", g.code.replace(/^ (.+) $/, "$1")));
     else if (g.label !== undefined) {
       const href = safeUrl(g.href);
       if (g.bang) out.push(href ? link(href, `[image: ${g.label || "untitled"}]`) : g.label);
-      else out.push(...(href ? [link(href, deeper(g.label))] : deeper(g.label)));
+      else if (href) out.push(link(href, deeper(g.label, true)));
+      else for (const child of deeper(g.label)) out.push(child);
     } else if (g.auto) out.push(safeUrl(g.auto) ? link(safeUrl(g.auto), g.auto) : g.auto);
     else if (g.seText) out.push(node("strong", [node("em", deeper(g.seText))]));
     else if (g.sText || g.uText) out.push(node("strong", deeper(g.sText || g.uText)));
@@ -2230,9 +2233,15 @@ function inline(text, depth = 0) {
   if (at < text.length) out.push(text.slice(at));
   return out;
 }
-const FENCE = /^ {0,3}(`{3,}|~{3,})/, HEADING = /^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$/;
+// subtle: patterns that cannot backtrack far (a heading of spaces and a \r took seconds with `(.*?)...$`)
+const FENCE = /^ {0,3}(`{3,}|~{3,})/, HEADING = /^ {0,3}(#{1,6})(?:[ \t]+([^]*))?$/;
 const RULE = /^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$/, QUOTE = /^ {0,3}> ?/;
-const ITEM = /^( {0,12})([-*+]|\d{1,9}[.)])[ \t]+(.*)$/, ROW = /\|/, DIVIDER = /^ *\|? *:?-+:? *(\| *:?-+:? *)*\|? *$/;
+const ITEM = /^( {0,12})([-*+]|\d{1,9}[.)])[ \t]+([^]*)$/, ROW = /\|/;
+const divider = (line) => /^\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)*\|?$/.test(line.trim());
+function heading(text) {  // without its closing #s
+  const body = text.trim().replace(/#+$/, "");
+  return !body || /[ \t]$/.test(body) ? body.trim() : text.trim();
+}
 const starts = (line) => [FENCE, HEADING, RULE, QUOTE, ITEM].some((block) => block.test(line));  // ends a paragraph
 const cells = (line) => line.trim().replace(/^\|/, "").replace(/\|$/, "").split("|").map((cell) => cell.trim());
 function blocks(lines, depth = 0) {
@@ -2247,7 +2256,7 @@ function blocks(lines, depth = 0) {
       for (i++; i < lines.length && !close.test(lines[i]); i++) code.push(lines[i]);
       out.push(node("pre", [node("code", code.join("\n"))]));
       i++;
-    } else if ((m = HEADING.exec(line))) { out.push(node(`h${m[1].length}`, inline(m[2]))); i++; }
+    } else if ((m = HEADING.exec(line))) { out.push(node(`h${m[1].length}`, inline(heading(m[2] ?? "")))); i++; }
     else if (RULE.test(line)) { out.push(node("hr")); i++; }
     else if (QUOTE.test(line)) {
       const quoted = [];
@@ -2270,10 +2279,10 @@ function blocks(lines, depth = 0) {
         list.append(node("li", content.flatMap((el) => (tight && el.tagName === "P" ? [...el.childNodes] : [el]))));
       }
       out.push(list);
-    } else if (ROW.test(line) && i + 1 < lines.length && DIVIDER.test(lines[i + 1])) {
+    } else if (ROW.test(line) && i + 1 < lines.length && divider(lines[i + 1])) {
       const head = cells(line), rows = [];
       for (i += 2; i < lines.length && ROW.test(lines[i]) && lines[i].trim(); i++) rows.push(cells(lines[i]));
-      const row = (tag, values) => node("tr", head.map((_, k) => node(tag, inline(values[k] ?? ""))));
+      const row = (tag, values) => node("tr", values.slice(0, head.length).map((value) => node(tag, inline(value))));
       out.push(node("table", [node("thead", [row("th", head)]), node("tbody", rows.map((r) => row("td", r)))]));
     } else {
       const paragraph = [line];
@@ -2283,7 +2292,10 @@ function blocks(lines, depth = 0) {
   }
   return out;
 }
-function markdown(el, text) { el.replaceChildren(...blocks(text.split("\n"))); }
+function markdown(el, text) {
+  el.replaceChildren();
+  for (const block of blocks(text.replace(/\r\n?/g, "\n").split("\n"))) el.append(block);
+}
 
 function follow() { if (following) log.scrollTop = log.scrollHeight; }  // the newest text in view, unless the
 log.onscroll = () => { following = log.scrollHeight - log.scrollTop - log.clientHeight < 32; };  // user scrolled up
@@ -2440,6 +2452,7 @@ PAGE_HEADERS = {
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",  # the page's URL may hold ?token=
+    "X-DNS-Prefetch-Control": "off",  # a link in an answer names a host: no lookup until it is followed
 }
 
 

@@ -3344,6 +3344,39 @@ def test_page_markdown_runs_nothing(page: Any, server: Server, bedrock: FakeBedr
     assert all(url.startswith((server.http, server.ws_url.replace("/ws/chat/completions", ""))) for url in requests)
 
 
+SLOW_MARKDOWN = [  # inputs a first renderer took seconds on (backtracking regexes, padded tables) or threw on
+    "#" + " " * 4000 + "\r",
+    "# a" + " " * 19995 + "b",
+    "-" + " " * 19998 + "\u2028",
+    "a|b\n" + " " * 19990 + "-x",
+    "a" + "`" * 19998 + "a",
+    "".join("`" * k + "a" for k in range(1, 200)),
+    "*a " * 6666,
+    "**a " * 5000,
+    "_a " * 6666,
+    "|" * 2000 + "\n-|\n" + "|\n" * 8997,
+    "\\*" * 130_000,
+]
+
+
+# The renderer takes time in proportion to its input, whatever the input: each of the inputs above renders in under
+# a second (the first took 24 s, the table built 18 million cells, the last overflowed the call stack); a link's
+# label holds no link of its own; Windows line endings are lines.
+@needs_chromium
+def test_page_markdown_is_linear(page: Any, server: Server) -> None:
+    open_chat(page, server.http + "/")
+    timed = """(md) => { const el = document.createElement('div'), started = performance.now();
+        markdown(el, md); return [performance.now() - started, el.querySelectorAll('*').length]; }"""
+    for md in SLOW_MARKDOWN:
+        took, elements = page.evaluate(timed, md)
+        assert took < 1000 and elements <= len(md), (md[:20], took, elements)
+    rendered = "(md) => { const el = document.createElement('div'); markdown(el, md); return el.innerHTML; }"
+    assert page.evaluate(rendered, "[see https://evil.example](https://good.example)") == (
+        '<p><a href="https://good.example/" target="_blank" rel="noopener noreferrer">see https://evil.example</a></p>'
+    )
+    assert page.evaluate(rendered, "# h\r\n- x") == "<h1>h</h1><ul><li>x</li></ul>"
+
+
 # A handshake the server refuses says why, and the page stops retrying one that retrying cannot fix: no key, or a
 # wrong one (403, "add ?token="); a server that is down is retried. The server's log names each reason, never a key.
 @needs_chromium
