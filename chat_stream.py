@@ -400,8 +400,8 @@ def new_session(session_id: str | None, ws: WebSocket, question: str) -> Session
 
 def attach(session: Session, ws: WebSocket) -> None:
     """`ws` holds the session from now on, even if another connection held it (a half-open one, say)."""
+    wake(session)  # subtle: first, as it waits under the client that left it, which may not be this one
     session.owner, session.client = ws, client_of(ws)
-    wake(session)
     disarm(session)
 
 

@@ -1933,6 +1933,24 @@ def test_a_flood_of_sessions_evicts_no_one_else(bedrock: FakeBedrock, tmp_path: 
                 assert resume(ws, start) == resumed(start, None, [f"remember {i}", echo(f"remember {i}")])
 
 
+# A session left by one address and resumed from another (a phone that changed networks) moves to the new one: it is
+# resumed whole, and once ended nothing is left of it, in the counts or the log. (An attack found it raised KeyError.)
+def test_resume_from_another_address(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **RESUMABLE) as server:
+        with connect_from(server, "127.0.0.2") as ws:
+            start = ask(ws, "from one network", None)[0]
+        for address in ("127.0.0.3", "127.0.0.4"):
+            with connect_from(server, address) as ws:
+                assert resume(ws, start) == resumed(start, None, ["from one network", echo("from one network")])
+        with connect_from(server, "127.0.0.2") as ws:
+            assert resume(ws, start)["type"] == "resumed"
+            ws.send(json.dumps({"type": "end_session", "session_id": start["session_id"]}))
+            assert ask(ws, "still served", "another")[-1]["type"] == "end"
+        idle = {"status": "ok", "connections": 0, "sessions": 1, "detached": 1, "streams": 0, "session_bytes": ANY}
+        wait_for(lambda: server.health() == idle, 5, "only the other session to be left")
+        assert "Traceback" not in server.log() and "ERROR" not in server.log()
+
+
 # What sessions hold is bounded by MAX_SESSION_MEMORY_MB (4 here), counted as stored: detached sessions go to make
 # room, those held by a connection never do, and when they alone fill it a new question gets "busy" (memory_full);
 # the count /healthz shows stays within the budget (or one answer past it, when its tokens are larger than the
