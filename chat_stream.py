@@ -241,7 +241,8 @@ class Turn:
     id: str
     question: str
     producer: str | None = None  # the process reading it from Bedrock, when not this one (a shared store's)
-    bytes: int = 0  # what it holds as stored: its question, tokens and final text (see grow)
+    bytes: int = 0  # what it holds as stored: its question, tokens and final text, and what is still reserved
+    reserved: int = 0  # of ANSWER_BYTES, what its tokens have not used yet (see grow); released when it ends
     counted: bool = False  # its bytes are in MEMORY (it is the pending turn of a session held here)
     tokens: list[str] = field(default_factory=list)  # every token so far
     context: list[BaseMessage] = field(default_factory=list)  # the history sent with the question
@@ -263,6 +264,7 @@ class Session:
     pending: Turn | None = None  # the turn whose final frame has not been delivered
     timers: list[asyncio.TimerHandle] = field(default_factory=list)  # while detached: grace, then expiry
     client: str = ""  # the address of the connection that last held it (see client_of)
+    replay_due: float = 0.0  # (loop time) until when its resumes' replays are paid for (see resume)
     bytes: int = 0  # what its history holds, as stored (see weigh)
 
 
@@ -276,6 +278,7 @@ STREAMS: set[Turn] = set()  # answers whose Bedrock stream is open; at most MAX_
 BACKGROUND: set[asyncio.Task[Any]] = set()  # tasks nobody awaits (grace checks), until they end
 DRAINING = asyncio.Event()  # set to stop taking work (a drain on SIGTERM does): /healthz says 503, no new question
 WINDOW = 64  # tokens an answer may read ahead of a connection that reads slowly; then Bedrock's stream waits
+REPLAY_RATE = 2000  # tokens a second that one session's resumes may replay, whichever connections ask
 
 
 class Memory:
@@ -296,10 +299,13 @@ def weigh(history: list[BaseMessage]) -> int:
 
 
 def grow(turn: Turn, text: str) -> None:
-    """A token (or the final text) joined the turn: count it, and make room if the sessions pass the budget."""
+    """A token (or the final text) joined the turn: count it, out of what the turn reserved first (ANSWER_BYTES, see
+    start_turn), and make room if the sessions pass the budget."""
     size = sys.getsizeof(text) + 8  # the string and its slot in the list
+    taken = min(size, turn.reserved)
+    turn.reserved, size = turn.reserved - taken, size - taken
     turn.bytes += size
-    if turn.counted:
+    if turn.counted and size:
         MEMORY.used += size
         if MEMORY.used > MEMORY.limit:
             shed()
@@ -1022,8 +1028,17 @@ async def answer(session: Session, turn: Turn) -> None:
         grow(turn, end["full_text"])
     else:
         turn.final = error_frame("too_long_for_model" if outcome == "too_large" else outcome, session.id, turn.id)
+    release(turn)
     turn.changed.set()
     STORE.record(turn)
+
+
+def release(turn: Turn) -> None:
+    """The answer is over: what it reserved and did not use is free again."""
+    if turn.counted:
+        MEMORY.used -= turn.reserved
+    turn.bytes -= turn.reserved
+    turn.reserved = 0
 
 
 def request(session: Session, question: str) -> list[BaseMessage]:
@@ -1052,7 +1067,7 @@ async def read(session: Session, turn: Turn) -> tuple[str | None, dict[str, int]
     stop_reason, usage = None, None
     async with aclosing(MODEL.astream(messages)) as chunks:  # the Bedrock stream is closed even when cancelled
         async for chunk in chunks:
-            if text := chunk.text:
+            if text := str(chunk.text):  # subtle: a plain str, half the size of langchain-core's TextAccessor
                 turn.first_token_at = turn.first_token_at or time.perf_counter()
                 turn.tokens.append(text)
                 grow(turn, text)
@@ -1320,7 +1335,11 @@ async def start_turn(ws: WebSocket, session: Session, question: str, chosen_id: 
     """Ask the model; return the task that sends the answer to `ws`. The store records the turn before the start
     frame goes, while the model is asked (a round trip saved at every question), except in a new session whose id
     the client chose: the store first says whether it exists elsewhere, so that a refusal costs no model call."""
-    turn = session.pending = Turn(secrets.token_urlsafe(12), question, bytes=sys.getsizeof(question))
+    turn = Turn(
+        secrets.token_urlsafe(12), question, bytes=sys.getsizeof(question) + ANSWER_BYTES, reserved=ANSWER_BYTES
+    )
+    session.pending = turn  # subtle: counted with its answer's room reserved, so that questions asked at once each
+    # find room for theirs
     count(turn, True)
     if not chosen_id:
         ask_model(session, turn)
@@ -1368,7 +1387,15 @@ ROLES = {"human": "user", "ai": "assistant"}  # LangChain's message types, as th
 
 async def resume(ws: WebSocket, session: Session, turn_id: str | None, after: int) -> asyncio.Task[None] | None:
     """Attach the session to `ws` (taking it from any connection that still held it) and say what it holds; return
-    the task that sends its pending turn, from the token after `after` if the client names that turn."""
+    the task that sends its pending turn, from the token after `after` if the client names that turn. Replays are
+    paced per session (REPLAY_RATE), whichever connection asks."""
+    loop = asyncio.get_running_loop()
+    if (wait := session.replay_due - loop.time()) > 0:  # subtle: per session, not per connection, so that reconnecting
+        await asyncio.sleep(
+            wait
+        )  # again and again to replay a long answer costs the client time, not the server a core
+        if SESSIONS.get(session.id) is not session:  # taken from here meanwhile
+            raise BadRequest("in_use", session.id)
     attach(session, ws)
     turn = session.pending
     history = [{"role": ROLES[m.type], "text": m.text} for m in session.history]
@@ -1380,6 +1407,7 @@ async def resume(ws: WebSocket, session: Session, turn_id: str | None, after: in
         after = 0
     elif turn.producer is None:  # subtle: a client may claim more than exists (followed from elsewhere, it may not:
         after = min(after, len(turn.tokens))  # the tokens it saw may not be in the store yet)
+    session.replay_due = max(session.replay_due, loop.time()) + max(0, len(turn.tokens) - after) / REPLAY_RATE
     return asyncio.create_task(deliver(ws, session, turn, after, None))
 
 
@@ -2595,19 +2623,22 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         super().connection_made(transport)
         self.allowance, self.checked_at = 2.0 * MAX_FRAMES_PER_SECOND, self.loop.time()  # a burst of two seconds' worth
         self.owed_until = 0.0  # (loop time) until when the frames we sent for the client cost its budget
+        self.sent = 0  # frames sent to it
+        self.partial: asyncio.TimerHandle | None = None  # runs out if a message's frames do not complete in time
         self.stalled: asyncio.TimerHandle | None = None  # runs out if the write buffer stays full
         if (sock := transport.get_extra_info("socket")) is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.stalled:
-            self.stalled.cancel()
+        for timer in (self.stalled, self.partial):
+            if timer:
+                timer.cancel()
         super().connection_lost(exc)
 
     def handle_events(self) -> None:
         now, rate = self.loop.time(), MAX_FRAMES_PER_SECOND  # a token bucket, refilled at `rate` frames a second
         self.allowance = min(2.0 * rate, self.allowance + (now - self.checked_at) * rate) - len(self.conn.events)
-        self.owe(sum(len(getattr(event, "data", b"")) for event in self.conn.events))
+        self.owe(sum(len(getattr(event, "data", b"")) for event in self.conn.events) // FRAME_UNIT)
         self.checked_at = now
         if self.allowance < 0 and self.handshake_complete and not self.close_sent:
             log.warning("closing a WebSocket that sent over MAX_FRAMES_PER_SECOND=%d frames", MAX_FRAMES_PER_SECOND)
@@ -2615,16 +2646,27 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             self.fail(1008, "too many frames")
             return
         super().handle_events()
+        if self.frames and self.partial is None:  # a message begun in fragments must end within SEND_TIMEOUT
+            self.partial = self.loop.call_later(SEND_TIMEOUT, self.too_slow)
+        elif not self.frames and self.partial is not None:
+            self.partial.cancel()
+            self.partial = None
 
-    def owe(self, size: int) -> None:
-        """A large frame came or went: the client's next frames wait a frame's time for each FRAME_UNIT of it."""
-        if units := size // FRAME_UNIT:
+    def too_slow(self) -> None:
+        if not self.close_sent:
+            log.warning("closing a WebSocket whose message did not end within SEND_TIMEOUT=%gs", SEND_TIMEOUT)
+            self.fail(1008, "message too slow")
+
+    def owe(self, units: int) -> None:
+        """Work done for the client: its next frames wait a frame's time for each unit (see send, handle_events)."""
+        if units:
             self.owed_until = max(self.owed_until, self.loop.time()) + units / MAX_FRAMES_PER_SECOND
 
     async def send(self, message: Any) -> None:
         await super().send(message)
-        if message["type"] == "websocket.send":
-            self.owe(len(message.get("text") or message.get("bytes") or ""))  # subtle: characters, of text
+        if message["type"] == "websocket.send":  # a unit for each FRAME_UNIT (characters, of text) and each 64 frames:
+            self.sent += 1  # streaming never reaches that rate (1,280 frames a second); a replay of thousands does
+            self.owe(len(message.get("text") or message.get("bytes") or "") // FRAME_UNIT + (self.sent % 64 == 0))
         elif message["type"] == "websocket.http.response.body" and not message.get("more_body"):
             self.handshake_complete = True  # subtle: answered with a denial response (400, 503): uvicorn 0.54 would
             # log "ASGI callable returned without completing handshake" as an ERROR after each one

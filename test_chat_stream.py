@@ -3622,6 +3622,16 @@ def test_client_that_stops_reading(bedrock: FakeBedrock, tmp_path: Path) -> None
         assert "closing a WebSocket that read nothing for SEND_TIMEOUT=2s" in server.log()
 
 
+WS_UPGRADE = (
+    b"GET /ws/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def RESUME_OF(start: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
+    return {"type": "resume", "session_id": start["session_id"], "resume_token": start["resume_token"]}
+
+
 def long_session(server: Server, turns: int) -> dict[str, Any]:
     """A session of `turns` questions of 30,000 four-byte characters, each echoed: ~240 kB a turn in its resumed
     frame; returns its first start frame."""
@@ -3709,6 +3719,53 @@ def test_frame_cost_counts_its_size(bedrock: FakeBedrock, tmp_path: Path) -> Non
                 ws.send(json.dumps({"type": "resume", "session_id": "long", "resume_token": start["resume_token"]}))
             assert replies_within(ws, 6, 1.5) <= 3
             assert ask(ws, "still open", "long")[-1]["type"] == "end"
+
+
+# Resuming one long pending answer again and again from new connections is paced per session: at REPLAY_RATE (2,000
+# tokens a second), three resumes of a 3,000-token answer, each read to its resumed frame and dropped, are answered
+# 1.5 s apart, whichever connection asks (on 207af5a: at once; an attack burned 90% of a core that way).
+def test_replays_are_paced_per_session(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {"SESSION_TTL": 60, "RESUME_GRACE": 60}
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
+        bedrock.replies["replay me"] = Reply(tokens=["r" * 20] * 3000, hang=True)  # then silence: never delivered
+        with connect(server.ws_url) as ws:
+            ws.send(json.dumps({"question": "replay me"}))
+            start = json.loads(ws.recv(timeout=5))
+        wait_for(lambda: [c.tokens_sent for c in bedrock.calls_for("replay me")] == [3000], 10, "3,000 tokens read")
+        frame = client_frame(0x1, json.dumps({**RESUME_OF(start), "after": 0}).encode())
+        answered = []
+        for _ in range(3):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(WS_UPGRADE)
+            sock.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(1)
+            sock.sendall(frame)
+            got = b""
+            while b'"type": "resumed"' not in got:
+                got += sock.recv(4096)
+            answered.append(time.monotonic())
+            sock.close()
+    assert answered[1] - answered[0] > 1.3 and answered[2] - answered[1] > 1.3, answered
+
+
+# A message sent in fragments must end within SEND_TIMEOUT (2 s here): one that never does is closed with 1008, so
+# that unfinished messages cannot hold the server's memory while their client answers pings.
+def test_a_message_that_never_ends(tmp_path: Path) -> None:
+    with run_server(tmp_path, BEDROCK_MODEL_ID="offline", SEND_TIMEOUT=2) as server:
+        sock, status = handshake(server.port)
+        assert status == 101
+        with sock:
+            first = client_frame(0x1, b'{"question": "' + b"x" * 30_000)
+            sock.sendall(bytes([first[0] & 0x7F]) + first[1:])  # FIN unset: more is to come, and never does
+            started = time.monotonic()
+            frames = server_frames(sock)
+        assert frames[-1] == (0x8, struct.pack(">H", 1008) + b"message too slow")
+        assert 1.5 < time.monotonic() - started < 5
+        assert "closing a WebSocket whose message did not end within SEND_TIMEOUT=2s" in server.log()
 
 
 # A text frame that is not UTF-8 closes that connection with 1007 and one log line, not a traceback.
