@@ -1933,6 +1933,22 @@ def test_a_flood_of_sessions_evicts_no_one_else(bedrock: FakeBedrock, tmp_path: 
                 assert resume(ws, start) == resumed(start, None, [f"remember {i}", echo(f"remember {i}")])
 
 
+# Questions asked at once each find their answer's room, reserved as they start (ANSWER_BYTES: 64 bytes a token,
+# 256 KiB with MAX_TOKENS=4096): with a 1 MiB budget, of 8 asked together 3 start and 5 get "busy" (an attack had 64
+# pass a budget they shared, for 25 MiB against 8).
+def test_questions_at_once_reserve_their_room(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, MAX_SESSION_MEMORY_MB=1) as server:
+        with contextlib.ExitStack() as stack:
+            clients = [stack.enter_context(connect(server.ws_url)) for _ in range(8)]
+            for i, ws in enumerate(clients):
+                bedrock.replies[f"at once {i}"] = Reply(tokens=[" w"] * 50, delay=0.05)
+                ws.send(json.dumps({"question": f"at once {i}"}))
+            firsts = [json.loads(ws.recv(timeout=5)) for ws in clients]
+            assert [f["type"] for f in firsts].count("start") == 3, firsts
+            assert {f.get("code") for f in firsts if f["type"] == "error"} == {"busy"}
+            assert server.health()["session_bytes"] <= 2**20
+
+
 # A session left by one address and resumed from another (a phone that changed networks) moves to the new one: it is
 # resumed whole, and once ended nothing is left of it, in the counts or the log. (An attack found it raised KeyError.)
 def test_resume_from_another_address(bedrock: FakeBedrock, tmp_path: Path) -> None:
