@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -469,6 +470,13 @@ def slow_reader(server: Server) -> ClientConnection:
     return connect(server.ws_url, sock=sock, max_queue=1, max_size=None, close_timeout=0.1)
 
 
+def run_async(coroutine: Any) -> Any:
+    """asyncio.run, in a thread of its own: a worker that ran a page test holds Playwright's event loop in this one
+    (the browser fixture lives for the module), and asyncio.run refuses to start a second."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
 def until_still(value: Callable[[], Any], seconds: float = 0.3) -> Callable[[], bool]:
     """A condition that holds once `value()` has not changed for `seconds`."""
     last: list[Any] = [object(), time.monotonic()]
@@ -576,7 +584,7 @@ def drop_at_random(bedrock: FakeBedrock, urls: list[str], name: str) -> None:
     async def all_of_them() -> list[tuple[list[str], str]]:
         return await asyncio.gather(*(one(i) for i in range(20)))
 
-    for i, (received, full_text) in enumerate(asyncio.run(all_of_them())):
+    for i, (received, full_text) in enumerate(run_async(all_of_them())):
         tokens = [f" u{i}.{n}" for n in range(100)]
         assert full_text == "".join(tokens) and tokens[: len(received)] == received
         assert len(bedrock.calls_for(f"{name} {i}")) == 1
@@ -1594,16 +1602,16 @@ def test_sixty_concurrent_clients(server: Server, bedrock: FakeBedrock) -> None:
     async def main() -> list[list[dict]]:
         return await asyncio.gather(*(client(i) for i in range(60)))
 
-    for i, frames in enumerate(asyncio.run(main())):
+    for i, frames in enumerate(run_async(main())):
         question = f"client {i} asks about {i * 7}"
         assert frames == answer_frames(f"c{i}", echo_tokens(question) * 3, 10)
 
 
 # Thousands of connect/ask/close cycles leave no connections, sessions or streams, and memory stays flat.
 def test_memory_stays_flat(server: Server) -> None:
-    asyncio.run(cycles(server.ws_url, 500))  # warm up: pools, caches, allocator arenas
+    run_async(cycles(server.ws_url, 500))  # warm up: pools, caches, allocator arenas
     before = server.memory_kib()
-    asyncio.run(cycles(server.ws_url, 2000))
+    run_async(cycles(server.ws_url, 2000))
     idle = {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0, "session_bytes": 0}
     wait_for(lambda: server.health() == idle, 5, "idle")
     assert server.memory_kib() - before < 8 * 1024, f"RSS grew from {before} KiB to {server.memory_kib()} KiB"
@@ -1917,7 +1925,7 @@ def test_a_flood_of_sessions_evicts_no_one_else(bedrock: FakeBedrock, tmp_path: 
         for i in range(5):
             with connect_from(server, f"127.0.0.{i + 2}") as ws:
                 users.append(ask(ws, f"remember {i}", None)[0])
-        refused = asyncio.run(flood_sessions(server.ws_url, 30, 2, cancel, "127.0.0.9"))  # 120 asked, 8 held at once
+        refused = run_async(flood_sessions(server.ws_url, 30, 2, cancel, "127.0.0.9"))  # 120 asked, 8 held at once
         full = "The server is full, and 8 conversations from your address wait for a resume; resume or end one of them"
         assert refused and refused == [
             {"type": "error", "code": "busy", "message": f"{full}, or try again later."}
@@ -2080,10 +2088,10 @@ def test_memory_of_one_connection(fresh: Server, bedrock: FakeBedrock) -> None:
 def test_soak_of_dropped_answers(bedrock: FakeBedrock, tmp_path: Path) -> None:
     idle = {"status": "ok", "connections": 0, "sessions": 0, "detached": 0, "streams": 0, "session_bytes": 0}
     with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, SESSION_TTL=2, RESUME_GRACE=1) as server:
-        asyncio.run(cycles(server.ws_url, 500, frames=2))  # warm up
+        run_async(cycles(server.ws_url, 500, frames=2))  # warm up
         wait_for(lambda: server.health() == idle, 10, "the warm-up sessions to expire")
         before = server.memory_kib()
-        asyncio.run(cycles(server.ws_url, 3000, frames=2))  # each leaves after its start and first token
+        run_async(cycles(server.ws_url, 3000, frames=2))  # each leaves after its start and first token
         assert server.health()["detached"] > 0
         wait_for(lambda: server.health() == idle, 10, "every session to expire")
         grown = server.memory_kib() - before
@@ -2540,7 +2548,7 @@ def test_redis_bounded_as_the_process(own_store: RedisServer, bedrock: FakeBedro
     settings = {**RESUMABLE, "REDIS_URL": own_store.url, "MAX_SESSIONS": 16, "MAX_DETACHED_PER_CLIENT": 8}
     bedrock.replies["flood"] = Reply(tokens=["x"] * 50, delay=0.05)
     with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
-        asyncio.run(flood_sessions(server.ws_url, 30, 2))
+        run_async(flood_sessions(server.ws_url, 30, 2))
         with redis.Redis.from_url(own_store.url) as client:
             wait_for(lambda: len(client.keys("chat:session:*")) == 8, 5, "Redis to hold what the process holds")
             assert server.health()["sessions"] == 8 and client.keys("chat:turn:*") == []
