@@ -18,7 +18,8 @@ Protocol, on ws://HOST:PORT/ws/chat/completions, one JSON text frame per message
                       {"turn_id", "question"}}, then the pending turn's tokens after `after`, live, and its end
 Error codes: invalid_request, too_large, busy, session_in_use, not_found, throttled, access_denied, model_error,
 unavailable, timeout, internal (each with its messages in ERRORS). After any error the connection stays open. Close
-codes, from the server layer: 1007 (text that is not UTF-8), 1008 (too many frames), 1009 (frame too large), 1012
+codes, from the server layer: 1007 (text that is not UTF-8), 1008 (too many frames, or a message that never ends),
+1009 (frame too large), 1012
 (server restart: SIGTERM drains answers first). A session outlives its connection by SESSION_TTL, and its answer
 streams on for RESUME_GRACE, for a resume.
 
@@ -336,10 +337,15 @@ def rewrite(session: Session, history: list[BaseMessage]) -> None:
     session.history, session.bytes = history, size
 
 
+def full(sessions: int, more: int) -> bool:
+    """`sessions` more sessions and `more` bytes would pass MAX_SESSIONS or the memory budget."""
+    return len(SESSIONS) + sessions > MAX_SESSIONS or MEMORY.used + more > MEMORY.limit
+
+
 def room(sessions: int, more: int) -> str | None:
-    """Room for `sessions` more sessions and `more` bytes, or why not: when MAX_SESSIONS or the memory budget would
-    be passed, detached sessions go (see shed); "sessions_full" if that is not enough."""
-    if len(SESSIONS) + sessions > MAX_SESSIONS or MEMORY.used + more > MEMORY.limit:
+    """Room for `sessions` more sessions and `more` bytes, or why not: when full, detached sessions go (see shed);
+    "sessions_full" or "memory_full" if that is not enough."""
+    if full(sessions, more):
         shed(sessions, more)
     if len(SESSIONS) + sessions > MAX_SESSIONS:
         return "sessions_full"
@@ -394,8 +400,7 @@ def new_session(session_id: str | None, ws: WebSocket, question: str) -> Session
     (BadRequest) when full with sessions all attached, or when full and the client already left
     MAX_DETACHED_PER_CLIENT waiting (it would only make room by evicting its own)."""
     client, more = client_of(ws), ANSWER_BYTES + sys.getsizeof(question)
-    full = len(SESSIONS) >= MAX_SESSIONS or MEMORY.used + more > MEMORY.limit
-    if full and len(WAITING.get(client, ())) >= MAX_DETACHED_PER_CLIENT:
+    if full(1, more) and len(WAITING.get(client, ())) >= MAX_DETACHED_PER_CLIENT:
         raise BadRequest("client_full", session_id)
     if why := room(1, more):
         raise BadRequest(why, session_id)
@@ -1203,42 +1208,35 @@ def host_allowed(host: str) -> bool:
         return any(name == p or (p.startswith("*.") and name.endswith(p[1:])) for p in ALLOWED_HOSTS)
 
 
-def refusal(conn: HTTPConnection) -> tuple[int, str] | None:
-    """Why a handshake is refused, if it is: its HTTP status, and the reason as the log says it (never a key)."""
-    if not host_allowed(conn.headers.get("host", "")):
-        return 400, "Host not allowed"
+def refusal(conn: HTTPConnection) -> tuple[int, str, str] | None:
+    """Why a handshake is refused, if it is: its HTTP status, the reason (as a client may be told it), and the log's
+    line for it (never a key)."""
+    host, origin = conn.headers.get("host", ""), conn.headers.get("origin", "").rstrip("/").lower()
+    if not host_allowed(host):
+        return 400, "host", f"Host {host!r} not allowed (ALLOWED_HOSTS)"
     if CHAT_API_KEY is not None:
         scheme, _, credentials = conn.headers.get("authorization", "").partition(" ")
         given = credentials.strip() if scheme.lower() == "bearer" else conn.query_params.get("token", "")
         if not given:
-            return 403, "no key"
+            return 403, "no key", "no key"
         if not hmac.compare_digest(given.encode(), CHAT_API_KEY.encode()):
-            return 403, "wrong key"
-    origin = conn.headers.get("origin", "").rstrip("/").lower()
+            return 403, "wrong key", "wrong key"
     # subtle: only browsers send Origin, and a browser page from another site must not get in; our own page's Origin
     # names the Host it was served from, one that ALLOWED_HOSTS let in
     if origin and "*" not in ALLOWED_ORIGINS and origin not in ALLOWED_ORIGINS:
-        if urlsplit(origin).netloc != conn.headers.get("host", "").lower():
-            return 403, "origin"
+        if urlsplit(origin).netloc != host.lower():
+            return 403, "origin", f"Origin {conn.headers.get('origin')!r} not allowed (ALLOWED_ORIGINS)"
     if DRAINING.is_set():
-        return 503, "the server is restarting"
+        return 503, "the server is restarting", "the server is restarting"
     if len(CONNECTIONS) >= MAX_CONNECTIONS:
-        return 503, f"{MAX_CONNECTIONS=} are open"
+        return 503, f"{MAX_CONNECTIONS=} are open", f"{MAX_CONNECTIONS=} are open"
     return None
-
-
-def refused_why(conn: HTTPConnection, reason: str) -> str:
-    if reason == "origin":
-        return f"Origin {conn.headers.get('origin')!r} not allowed (ALLOWED_ORIGINS)"
-    if reason == "Host not allowed":
-        return f"Host {conn.headers.get('host')!r} not allowed (ALLOWED_HOSTS)"
-    return reason
 
 
 async def chat(ws: WebSocket) -> None:
     if refused := refusal(ws):
-        status, reason = refused
-        log.warning("refused a WebSocket: %s", refused_why(ws, reason))
+        status, reason, line = refused
+        log.warning("refused a WebSocket: %s", line)
         if status == 400:
             await ws.send_denial_response(PlainTextResponse("Invalid host header", 400))
         elif status == 403:
