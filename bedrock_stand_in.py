@@ -53,11 +53,21 @@ def exception_event(name: str, message: str) -> bytes:
     return event_message(headers, {"message": message})
 
 
+def think(text: str) -> dict[str, Any]:
+    """A reasoning delta, for Reply.tokens: Bedrock's reasoningContent text."""
+    return {"reasoningContent": {"text": text}}
+
+
+REDACTED = {"reasoningContent": {"redactedContent": "ZW5jcnlwdGVkIHRoaW5raW5n"}}  # a redacted block (a blob, base64)
+
+
 @dataclass
 class Reply:
-    """What the stand-in answers to one question. tokens=None echoes the question."""
+    """What the stand-in answers to one question. tokens=None echoes the question. A token is a text delta (a str) or
+    a reasoning delta (see `think`, REDACTED): each run of one kind is a content block of its own, and a block of
+    reasoning text ends with its signature, as Bedrock streams them."""
 
-    tokens: list[str] | None = None
+    tokens: list[str | dict[str, Any]] | None = None
     first_delay: float = 0.0  # seconds before the first token
     delay: float = 0.0  # seconds between tokens
     stop_reason: str = "end_turn"
@@ -190,12 +200,19 @@ class FakeBedrock:
             )
             await writer.drain()
             return True
+        if refused := thinking_refused(call.body):
+            body = json.dumps({"message": refused}).encode()
+            writer.write(
+                b"HTTP/1.1 400 Error\r\nContent-Type: application/json\r\nx-amzn-ErrorType: ValidationException:"
+                b"http://internal.amazon.com/\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            await writer.drain()
+            return True
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.amazon.eventstream\r\nTransfer-Encoding: chunked\r\n\r\n"
         )
-        events = self.converse_events(call, tokens, reply)
-        for i, data in enumerate(events):
-            pause = reply.first_delay if i == 1 else reply.delay if 1 < i <= len(tokens) else 0
+        for data, n in self.converse_events(call, tokens, reply):  # n: which token the event is (0: not a token)
+            pause = reply.first_delay if n == 1 else reply.delay if n > 1 else 0
             if pause:
                 await asyncio.wait([watch], timeout=pause)
             if watch.done():  # the client went away
@@ -209,7 +226,7 @@ class FakeBedrock:
             except ConnectionError:  # the client went away while we waited for it to read
                 call.client_closed_at = time.monotonic()
                 return False
-            call.tokens_sent += 1 <= i <= len(tokens)
+            call.tokens_sent += n > 0
         else:
             writer.write(b"0\r\n\r\n")
             call.finished = True
@@ -224,17 +241,25 @@ class FakeBedrock:
         writer.write(b"0\r\n\r\n")  # after an exception event the stream ends
         return True
 
-    def converse_events(self, call: Call, tokens: list[str], reply: Reply) -> Iterator[bytes | None]:
-        yield event("messageStart", {"role": "assistant"})
-        for token in tokens:
-            yield event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": token}})
-        yield from self.failure(reply)
+    def converse_events(self, call: Call, tokens: list[str | dict], reply: Reply) -> Iterator[tuple[bytes | None, int]]:
+        yield event("messageStart", {"role": "assistant"}), 0
+        block, thinking = 0, None  # the content block, and what it holds: reasoning text (True), redacted, text (False)
+        for n, token in enumerate(tokens, 1):
+            reasoning = token["reasoningContent"] if isinstance(token, dict) else None
+            kind = None if reasoning is None else "text" in reasoning
+            if n > 1 and kind != thinking:
+                yield from self.block_stop(block, thinking)
+                block += 1
+            thinking, delta = kind, {"text": token} if reasoning is None else token
+            yield event("contentBlockDelta", {"contentBlockIndex": block, "delta": delta}), n
+        for data in self.failure(reply):
+            yield data, 0
         if reply.unknown_delta:
-            yield event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"futureKind": {"value": 1}}})
-        yield event("contentBlockStop", {"contentBlockIndex": 0})
+            yield event("contentBlockDelta", {"contentBlockIndex": block, "delta": {"futureKind": {"value": 1}}}), 0
+        yield from self.block_stop(block, thinking)
         if reply.no_stop:
             return
-        yield event("messageStop", {"stopReason": reply.stop_reason})
+        yield event("messageStop", {"stopReason": reply.stop_reason}), 0
         usage = {"inputTokens": 10 * len(call.body["messages"]), "outputTokens": len(tokens)}
         prefixes, points = cache_prefixes(call.body)
         if points:  # as Bedrock does: a read of the longest cached prefix, a write up to the last cache point
@@ -248,7 +273,13 @@ class FakeBedrock:
                 usage["cacheDetails"] = [{"ttl": "5m", "inputTokens": write}]
         total = usage["inputTokens"] + usage["outputTokens"] + usage.get("cacheReadInputTokens", 0)
         call.usage = {**usage, "totalTokens": total + usage.get("cacheWriteInputTokens", 0)}
-        yield event("metadata", {"usage": call.usage, "metrics": {"latencyMs": 1}})
+        yield event("metadata", {"usage": call.usage, "metrics": {"latencyMs": 1}}), 0
+
+    def block_stop(self, block: int, thinking: bool | None) -> Iterator[tuple[bytes, int]]:
+        if thinking:  # reasoning text is signed as its block ends
+            signature = {"reasoningContent": {"signature": f"c2lnbmVk{block}"}}
+            yield event("contentBlockDelta", {"contentBlockIndex": block, "delta": signature}), 0
+        yield event("contentBlockStop", {"contentBlockIndex": block}), 0
 
     def failure(self, reply: Reply) -> Iterator[bytes | None]:
         if reply.exception:
@@ -257,6 +288,25 @@ class FakeBedrock:
             yield event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "x"}})[:-1] + b"\0"
         if reply.exception or reply.corrupt or reply.hang or reply.cut:
             yield None
+
+
+def thinking_refused(body: dict[str, Any]) -> str | None:
+    """Why Bedrock would refuse the request's thinking fields (Claude's rules), if it would: a budget of at least
+    1,024 tokens and below maxTokens; with thinking on, no temperature."""
+    thinking = body.get("additionalModelRequestFields", {}).get("thinking")
+    if not thinking:
+        return None
+    if thinking.get("type") == "enabled":
+        budget, limit = thinking.get("budget_tokens"), body.get("inferenceConfig", {}).get("maxTokens")
+        if not isinstance(budget, int) or budget < 1024:
+            return "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+        if limit is not None and budget >= limit:
+            return "`max_tokens` must be greater than `thinking.budget_tokens`"
+    elif thinking.get("type") != "adaptive":
+        return f"thinking.type: Input should be 'enabled', 'adaptive' or 'disabled', not {thinking.get('type')!r}"
+    if "temperature" in body.get("inferenceConfig", {}):
+        return "`temperature` may only be set to 1 when thinking is enabled or in adaptive mode"
+    return None
 
 
 def estimated_tokens(body: dict[str, Any]) -> int:
@@ -330,6 +380,8 @@ SETTINGS = [
     "MAX_DETACHED_PER_CLIENT",
     "REDIS_URL",
     "PROMPT_CACHE",
+    "REASONING_EFFORT",
+    "REASONING_BUDGET",
     "GUARDRAIL_ID",
     "GUARDRAIL_VERSION",
     "GUARDRAIL_STREAM_MODE",

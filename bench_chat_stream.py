@@ -37,10 +37,11 @@ from typing import Any
 
 import websockets
 
-from bedrock_stand_in import FakeBedrock, RedisServer, Reply, echo, free_port, healthy, server_env, wait_for
+from bedrock_stand_in import FakeBedrock, RedisServer, Reply, echo, free_port, healthy, server_env, think, wait_for
 
 HERE = Path(__file__).parent
 FIRST_DELAY, DELTAS, GAP = 0.3, 50, 0.02
+THOUGHTS = 200  # the reasoning profile: this many reasoning deltas, then DELTAS text deltas
 IDEAL = FIRST_DELAY + (DELTAS - 1) * GAP
 SEEN = 10  # tokens a resuming client had read before its connection dropped
 ROUND_LIMIT = 60.0  # seconds a round may take; a server that needs longer is stopped there, and shown so
@@ -49,8 +50,10 @@ ROUND_LIMIT = 60.0  # seconds a round may take; a server that needs longer is st
 # --- the Bedrock stand-in, in a process of its own so that it does not share the clients' event loop
 
 
-def serve_bedrock(pipe: Any) -> None:
-    bedrock = FakeBedrock(default=Reply(first_delay=FIRST_DELAY, delay=GAP))
+def serve_bedrock(pipe: Any, thinking: bool = False) -> None:
+    """The stand-in; with `thinking`, every answer is THOUGHTS reasoning deltas, then DELTAS text deltas."""
+    thoughts = [think(f" t{k}") for k in range(THOUGHTS)] + [f" a{k}" for k in range(DELTAS)]
+    bedrock = FakeBedrock(default=Reply(tokens=thoughts if thinking else None, first_delay=FIRST_DELAY, delay=GAP))
     pipe.send(bedrock.url)
     pipe.recv()  # until the benchmark is done
 
@@ -182,16 +185,20 @@ async def one_client(url: str, i: int, go: asyncio.Event, ready: asyncio.Queue) 
         await go.wait()
         sent = time.perf_counter()
         await ws.send(json.dumps({"question": question}))  # a new session each time
-        tokens, times = [], []
+        tokens, thoughts, times = [], [], []
         while True:
             frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
             now = time.perf_counter()
-            if frame["type"] == "token":
-                tokens.append(frame["text"])
+            if frame["type"] in ("token", "reasoning"):
+                (tokens if frame["type"] == "token" else thoughts).append(frame["text"])
                 times.append(now)
             elif frame["type"] in ("end", "error"):
                 break
-    exact = frame["type"] == "end" and "".join(tokens) == frame["full_text"] == echo(question)
+    exact = frame["type"] == "end" and "".join(tokens) == frame["full_text"]
+    if thoughts:  # the reasoning profile: every thought, then the text, counted in seq
+        exact = exact and len(thoughts) == THOUGHTS and frame["reasoning_chars"] == len("".join(thoughts))
+    else:
+        exact = exact and frame["full_text"] == echo(question)
     return {
         "exact": exact,
         "busy": frame.get("code") == "busy",
@@ -199,7 +206,7 @@ async def one_client(url: str, i: int, go: asyncio.Event, ready: asyncio.Queue) 
         "ttft": times[0] - sent if times else None,
         "total": now - sent,
         "gaps": [b - a for a, b in zip(times, times[1:], strict=False)],
-        "tokens": len(tokens),
+        "tokens": len(tokens) + len(thoughts),
         "cut": False,
     }
 
@@ -555,6 +562,7 @@ def main() -> None:
     parser.add_argument("--redis-x2", type=int, nargs="*", default=[200, 400], help="the same, on two processes")
     parser.add_argument("--metrics-cost", type=int, default=200, help="N for metrics on vs METRICS=off (0: skip)")
     parser.add_argument("--abuse", type=int, default=20, help="victims under a scrape and a resume flood (0: skip)")
+    parser.add_argument("--reasoning", type=int, default=200, help="N for the reasoning profile's row (0: skip)")
     parser.add_argument("--out", type=Path, default=HERE / "docs", help="folder for bench.json and bench.png")
     args = parser.parse_args()
 
@@ -572,6 +580,13 @@ def main() -> None:
         rows += metrics_cost(bedrock_url, args.metrics_cost, args.rounds + 2)
     if args.abuse:
         rows += abuse_cost(bedrock_url, args.abuse, args.rounds)
+    if args.reasoning:  # answers that think first: another stand-in, whose every answer does
+        parent2, child2 = multiprocessing.get_context("spawn").Pipe()
+        thinker = multiprocessing.get_context("spawn").Process(target=serve_bedrock, args=(child2, True), daemon=True)
+        thinker.start()
+        rows += measure("reasoning", parent2.recv(), [args.reasoning], args.rounds)
+        parent2.send("done")
+        thinker.join(5)
     if not args.no_baseline:
         rows += measure("baseline", bedrock_url, args.n, args.rounds)
     if not args.no_plain:

@@ -11,8 +11,12 @@ Protocol, on ws://HOST:PORT/ws/chat/completions, one JSON text frame per message
                                                                 rejoin a session after a dropped connection
   server -> client   {"type": "start", "session_id", "turn_id", "resume_token"}
                      {"type": "token", "text", "seq"}           zero or more; seq counts 1, 2, 3, ... in a turn
+                     {"type": "reasoning", "text" or "redacted": true, "seq"}
+                                                                the model's thinking, before or between tokens
+                                                                (counted in the same seq); clients may ignore it
                      {"type": "end", "session_id", "turn_id", "full_text", "stop_reason", "history_trimmed",
-                      "usage": {"input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens"}}
+                      "usage": {"input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens"},
+                      "reasoning_chars"}                        full_text is the answer only, without the thinking
                      or {"type": "error", "session_id"?, "turn_id"?, "code", "message"}
                      {"type": "resumed", "session_id", "history": [{"role", "text"}], "pending": null or
                       {"turn_id", "question"}}, then the pending turn's tokens after `after`, live, and its end
@@ -48,6 +52,7 @@ import re
 import secrets
 import sys
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -86,7 +91,7 @@ from langchain_core.messages import (
 )
 from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import PrivateAttr, model_validator
+from pydantic import PrivateAttr, ValidationError, model_validator
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
@@ -207,6 +212,14 @@ MAX_QUESTION_CHARS = setting("MAX_QUESTION_CHARS", positive_int, 32000)  # longe
 MAX_HISTORY_MESSAGES = setting("MAX_HISTORY_MESSAGES", positive_int, 40)  # memory per session, whole turns
 MAX_HISTORY_TOKENS = setting("MAX_HISTORY_TOKENS", positive_int, 100_000)  # a request's budget (estimated tokens)
 PROMPT_CACHE = setting("PROMPT_CACHE", one_of("auto", "off"), "auto")  # cache points, for models that take them
+REASONING_EFFORT = setting("REASONING_EFFORT", str.lower, None)  # how hard the model thinks, one of the levels its
+# profile lists (low, medium, high, ...); unset = the model's default
+REASONING_BUDGET = setting("REASONING_BUDGET", positive_int, None)  # thinking tokens, for the Claude models that take
+# a fixed budget instead of a level (3.7, and the 4s without effort levels); unset = off
+if REASONING_EFFORT and REASONING_BUDGET:
+    raise BadSetting("set REASONING_EFFORT or REASONING_BUDGET, not both")
+if REASONING_BUDGET is not None and not 1024 <= REASONING_BUDGET < MAX_TOKENS:
+    raise BadSetting(f"REASONING_BUDGET={REASONING_BUDGET} must be at least 1024 and below MAX_TOKENS ({MAX_TOKENS})")
 GUARDRAIL_ID = setting("GUARDRAIL_ID", str, None)  # a Bedrock guardrail applied to every answer, with its version
 GUARDRAIL_VERSION = setting("GUARDRAIL_VERSION", str, None)
 GUARDRAIL_STREAM_MODE = setting("GUARDRAIL_STREAM_MODE", one_of("sync", "async"), "sync")  # Bedrock's two modes
@@ -234,10 +247,17 @@ log = logging.getLogger("uvicorn.error.chat_stream")  # subtle: a child of uvico
 # --- sessions: each conversation, its resume token and its answer in flight; what the process holds, bounded
 
 
+class Thought(str):
+    """A piece of the model's reasoning among a turn's tokens (answer text is a plain str); Thought("") is a block the
+    model redacted. Sent as "reasoning" frames, counted in seq with the tokens, never part of the answer's text."""
+
+    __slots__ = ()
+
+
 @dataclass(eq=False)
 class Turn:
-    """One answer. Its tokens stay here until its final frame is delivered, so a client that lost its connection
-    can resume it: `seq` n is tokens[n - 1]."""
+    """One answer. Its tokens (answer text, and the model's reasoning as Thoughts) stay here until its final frame is
+    delivered, so a client that lost its connection can resume it: `seq` n is tokens[n - 1]."""
 
     id: str
     question: str
@@ -246,6 +266,7 @@ class Turn:
     reserved: int = 0  # of ANSWER_BYTES, what its tokens have not used yet (see grow); released when it ends
     counted: bool = False  # its bytes are in MEMORY (it is the pending turn of a session held here)
     tokens: list[str] = field(default_factory=list)  # every token so far
+    thoughts: int = 0  # how many of them are Thoughts
     context: list[BaseMessage] = field(default_factory=list)  # the history sent with the question
     first_token_at: float | None = None  # time.perf_counter() when the first token arrived
     final: dict[str, Any] | None = None  # its end or error frame, once the answer is over
@@ -619,11 +640,13 @@ class BedrockChat(ChatBedrockConverse):
     by langchain-aws's own Converse helpers from the model's fields (temperature, max_tokens, guardrail_config,
     additional_model_request_fields, ...; its model profiles drop what a model refuses). Per-call arguments
     (`bind_tools`, `bind(...)`) are refused: use ChatBedrockConverse for those. Text deltas become plain-string
-    chunks, the cheapest kind LangChain has; other events (usage, stop reason, reasoning) are parsed by
-    langchain-aws; content it does not know is skipped. Every model streams, even those langchain-aws has not
-    verified as streaming-capable. With `cache_points`, a model in PROMPT_CACHE_MODELS gets Bedrock cache points
-    after the system prompt and after the last completed turn, and the usage chunk carries Bedrock's own cache
-    figures (langchain-aws folds them into input_tokens).
+    chunks, the cheapest kind LangChain has; other events (reasoning, usage, stop reason) are parsed by
+    langchain-aws; content it does not know is skipped. A model that writes its reasoning inline in the text (Nova
+    v1's <thinking>...</thinking>, as langchain-aws knows) streams it as reasoning chunks (see InlineReasoning).
+    Every model streams, even those langchain-aws has not verified as streaming-capable. With `cache_points`, a
+    model that takes them (CACHE_POINT_MODELS) gets Bedrock cache points after the system prompt and after the last
+    completed turn, and the usage chunk carries Bedrock's own cache figures (langchain-aws folds them into
+    input_tokens).
     """
 
     aclient: Any = None  # aiobotocore "bedrock-runtime" client: see `open`
@@ -683,18 +706,23 @@ class BedrockChat(ChatBedrockConverse):
         bedrock_messages, system = _messages_to_bedrock(
             messages, self.system, model_id=self._get_base_model(), provider=self.provider
         )
-        if self.cache_points and self._get_base_model().startswith(PROMPT_CACHE_MODELS):
+        if self.cache_points and CACHE_POINT_MODELS.match(self._get_base_model()):
             add_cache_points(system, bedrock_messages)
         client = self.aclient or await self.open()
         response = await client.converse_stream(
             messages=bedrock_messages, system=system, **self._converse_params(stop=stop)
         )
         stream, finished = response["stream"], False
+        inline = InlineReasoning(*tags) if (tags := self._inline_reasoning_tags_for_model()) else None
         try:
             async for event in stream:
                 finished = finished or "messageStop" in event
                 if "text" in (delta := event.get("contentBlockDelta", {}).get("delta", {})):
-                    yield ChatGenerationChunk(message=AIMessageChunk(delta["text"]))  # the hot path: plain text
+                    if inline is None:
+                        yield ChatGenerationChunk(message=AIMessageChunk(delta["text"]))  # the hot path: plain text
+                    else:
+                        for chunk in inline.split(delta["text"]):
+                            yield ChatGenerationChunk(message=chunk)
                 elif "messageStart" not in event and "contentBlockStop" not in event:  # those carry nothing
                     usage = event.get("metadata", {}).get("usage", {})  # before langchain-aws pops it
                     try:
@@ -708,18 +736,57 @@ class BedrockChat(ChatBedrockConverse):
                             if bedrock_key in usage:  # with cache points only
                                 chunk.response_metadata[key] = usage[bedrock_key]
                     yield ChatGenerationChunk(message=chunk)
+                if inline is not None and "contentBlockStop" in event:
+                    for chunk in inline.split("", end=True):
+                        yield ChatGenerationChunk(message=chunk)
         finally:
             stream.close()  # subtle: closes the HTTP connection now, even when cancelled, not at garbage collection
         if not finished:
             raise ConnectionError("Bedrock's stream ended without messageStop")
 
 
+class InlineReasoning:
+    """A stream of text deltas split at inline reasoning tags (Nova v1's <thinking>...</thinking>): what is inside
+    becomes reasoning chunks, shaped as langchain-aws shapes Bedrock's reasoningContent deltas, even when a tag is
+    split across deltas (the start of a tag is held back until the next delta shows whether it is one). The
+    whitespace right after a tag is dropped, as langchain-aws drops it."""
+
+    def __init__(self, open_tag: str, close_tag: str) -> None:
+        self.tags = (open_tag, close_tag)
+        self.inside, self.held, self.after_tag = False, "", False
+
+    def split(self, text: str, end: bool = False) -> list[AIMessageChunk]:
+        """The chunks of `text`, after what was held back; with `end` (the content block ended), nothing is held."""
+        pieces: list[AIMessageChunk] = []
+        text, self.held = self.held + text, ""
+        while (at := text.find(tag := self.tags[self.inside])) >= 0:
+            self.add(pieces, text[:at])
+            text, self.inside, self.after_tag = text[at + len(tag) :], not self.inside, True
+        held = 0
+        if not end and tag[0] in text[1 - len(tag) :]:  # it may end with the start of a tag
+            held = next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)
+        self.add(pieces, text[: len(text) - held])
+        self.held = text[len(text) - held :]
+        return pieces
+
+    def add(self, pieces: list[AIMessageChunk], text: str) -> None:
+        if self.after_tag:
+            text = text.lstrip()
+            self.after_tag = not text
+        if text and self.inside:
+            pieces.append(AIMessageChunk([{"type": "reasoning_content", "reasoning_content": {"text": text}}]))
+        elif text:
+            pieces.append(AIMessageChunk(text))
+
+
 class OfflineChat(BaseChatModel):
     """A deterministic model for demos and front-end work: it answers by quoting the question, word by word, in a
-    little markdown (a list, and the question in a code block)."""
+    little markdown (a list, and the question in a code block); with `thinks`, a few words of reasoning come first,
+    as LangChain's standard reasoning blocks."""
 
     max_tokens: int | None = None
     delay: float = 0.02  # seconds between words, so the streaming is visible
+    thinks: bool = False
 
     @property
     def _llm_type(self) -> str:
@@ -751,6 +818,10 @@ class OfflineChat(BaseChatModel):
         self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
     ) -> AsyncIterator[ChatGenerationChunk]:
         words, stop_reason, usage = self._reply(messages)
+        thinking = re.findall(r"\S+\s*", f"The question has {len(messages[-1].text.split())} words; I echo them. ")
+        for word in thinking if self.thinks else []:
+            await asyncio.sleep(self.delay)
+            yield ChatGenerationChunk(message=AIMessageChunk([{"type": "reasoning", "reasoning": word}]))
         for word in words:
             await asyncio.sleep(self.delay)
             yield ChatGenerationChunk(message=AIMessageChunk(word))
@@ -758,15 +829,10 @@ class OfflineChat(BaseChatModel):
         yield ChatGenerationChunk(message=last)
 
 
-PROMPT_CACHE_MODELS = (  # base model ids that take cache points through Converse; Bedrock refuses them elsewhere
-    "anthropic.claude-3-5-haiku",
-    "anthropic.claude-3-7-sonnet",
-    "anthropic.claude-sonnet-4",  # 4, 4.5, and later Claude models under these names
-    "anthropic.claude-opus-4",
-    "anthropic.claude-haiku-4",
-    "amazon.nova-micro",
-    "amazon.nova-lite",
-    "amazon.nova-pro",
+CACHE_POINT_MODELS = re.compile(  # base model ids that take cache points through Converse (Bedrock refuses them
+    # elsewhere): Claude 3.5 Haiku, 3.7 Sonnet and every Claude since 4 (a name, then its version: sonnet-4-5, opus-5,
+    # haiku-5-5, and those to come), Nova v1 and Nova 2
+    r"anthropic\.claude-(3-5-haiku|3-7-sonnet|[a-z]+-([4-9]|[1-9][0-9]))|amazon\.nova-(micro|lite|pro|premier|2-)"
 )
 
 
@@ -811,10 +877,34 @@ def no_retry_after_timeout(
 
 
 def build_model() -> BaseChatModel:
+    """The model, checked against what langchain-aws's model profile knows of it (its reasoning effort levels, its
+    output limit); REASONING_EFFORT is written into the family's request fields by langchain-aws itself."""
     if BEDROCK_MODEL_ID == "offline":
-        return OfflineChat(max_tokens=MAX_TOKENS)
+        return OfflineChat(max_tokens=MAX_TOKENS, thinks=bool(REASONING_EFFORT or REASONING_BUDGET))
     if BEDROCK_MODEL_ID.startswith("arn:") and not BEDROCK_PROVIDER:
         raise BadSetting("BEDROCK_MODEL_ID is an ARN: set BEDROCK_PROVIDER too (anthropic, amazon, meta, ...)")
+    budget = REASONING_BUDGET and {"thinking": {"type": "enabled", "budget_tokens": REASONING_BUDGET}}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an effort for a model without levels is only a warning there: see below
+            model = build_bedrock(budget)
+    except ValidationError as exc:  # not a level, or one the model's profile does not list
+        why = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise BadSetting(f"REASONING_EFFORT={REASONING_EFFORT!r}: {why}") from None
+    profile, fields = model.profile or {}, model.additional_model_request_fields or {}
+    if REASONING_EFFORT and not fields:
+        raise BadSetting(f"REASONING_EFFORT: {BEDROCK_MODEL_ID} has no effort levels (in langchain-aws's profile)")
+    if budget and (model.provider != "anthropic" or profile.get("reasoning_effort_levels")):
+        instead = "; it takes REASONING_EFFORT" if profile.get("reasoning_effort_levels") else ""
+        raise BadSetting(f"REASONING_BUDGET: {BEDROCK_MODEL_ID} takes no thinking budget{instead}")
+    if MAX_TOKENS > (most := profile.get("max_output_tokens") or MAX_TOKENS):
+        raise BadSetting(f"MAX_TOKENS={MAX_TOKENS} is above {BEDROCK_MODEL_ID}'s {most} output tokens")
+    if "thinking" in fields:
+        model.temperature = None  # subtle: Claude refuses a temperature with thinking on
+    return model
+
+
+def build_bedrock(thinking: dict[str, Any] | None) -> BedrockChat:
     return BedrockChat(
         model_id=BEDROCK_MODEL_ID,
         provider=BEDROCK_PROVIDER,
@@ -823,6 +913,8 @@ def build_model() -> BaseChatModel:
         endpoint_url=BEDROCK_ENDPOINT_URL,
         temperature=TEMPERATURE,
         max_tokens=MAX_TOKENS,
+        reasoning_effort=REASONING_EFFORT,
+        additional_model_request_fields=thinking,
         cache_points=PROMPT_CACHE == "auto",
         guardrail_config=GUARDRAIL_ID
         and {
@@ -836,6 +928,10 @@ def build_model() -> BaseChatModel:
 
 
 MODEL = build_model()  # one model, and one connection pool, for the whole process
+CONTEXT_TOKENS = (MODEL.profile or {}).get("max_input_tokens")  # the model's window, if its profile knows it
+HISTORY_TOKENS = min(MAX_HISTORY_TOKENS, CONTEXT_TOKENS - MAX_TOKENS if CONTEXT_TOKENS else MAX_HISTORY_TOKENS)
+if HISTORY_TOKENS < 1:
+    raise BadSetting(f"MAX_TOKENS={MAX_TOKENS} leaves no room in {BEDROCK_MODEL_ID}'s {CONTEXT_TOKENS}-token window")
 
 
 # --- errors: every error frame's code and message, in one table; upstream failures mapped to codes in one place;
@@ -964,8 +1060,10 @@ class Meter:
         the first token (None: none came); `reported`: the usage is the model's own."""
         fields = {"session_id": session.id, "turn_id": turn.id, "model": BEDROCK_MODEL_ID}
         fields |= {"ttft_ms": first and round(first * 1000), "duration_ms": round(took * 1000)}
-        fields |= {"tokens_in": usage["input_tokens"], "tokens_out": usage["output_tokens"], "outcome": outcome}
-        line = "answer session=%r turn=%s model=%s ttft_ms=%s duration_ms=%d tokens_in=%d tokens_out=%d outcome=%s"
+        fields |= {"tokens_in": usage["input_tokens"], "tokens_out": usage["output_tokens"]}
+        fields |= {"reasoning_chars": reasoning_chars(turn), "outcome": outcome}
+        line = "answer session=%r turn=%s model=%s ttft_ms=%s duration_ms=%d tokens_in=%d tokens_out=%d "
+        line += "reasoning_chars=%d outcome=%s"
         log.info(line, *fields.values(), extra={"answer": fields})
 
     def refused(self, code: str) -> None:
@@ -1027,9 +1125,10 @@ async def answer(session: Session, turn: Turn) -> None:
         METER.answered(session, turn, outcome, took, first, billed, reported=usage is not None)  # (a cancel) the
         usage = dict.fromkeys(CACHE_USAGE, 0) | billed
     if outcome in ("end", "cancelled"):
-        end = {"type": "end", "session_id": session.id, "turn_id": turn.id, "full_text": "".join(turn.tokens)}
+        end = {"type": "end", "session_id": session.id, "turn_id": turn.id, "full_text": text_of(turn)}
         trimmed = completed - len(turn.context) // 2  # turns left out, by the budget or the overflow
-        turn.final = {**end, "stop_reason": stop_reason, "usage": usage, "history_trimmed": trimmed}
+        end |= {"stop_reason": stop_reason, "usage": usage, "history_trimmed": trimmed}
+        turn.final = end | {"reasoning_chars": reasoning_chars(turn)}
         grow(turn, end["full_text"])
     else:
         turn.final = error_frame("too_long_for_model" if outcome == "too_large" else outcome, session.id, turn.id)
@@ -1053,7 +1152,7 @@ def request(session: Session, question: str) -> list[BaseMessage]:
     system = [SystemMessage(SYSTEM_PROMPT)] if SYSTEM_PROMPT else []
     messages = trim_messages(
         [*system, *session.history, HumanMessage(question)],
-        max_tokens=MAX_HISTORY_TOKENS,
+        max_tokens=HISTORY_TOKENS,
         token_counter=count_tokens_approximately,
         strategy="last",
         start_on="human",  # subtle: whole turns, so the roles alternate as Bedrock requires
@@ -1073,9 +1172,14 @@ async def read(session: Session, turn: Turn) -> tuple[str | None, dict[str, int]
     async with aclosing(MODEL.astream(messages)) as chunks:  # the Bedrock stream is closed even when cancelled
         async for chunk in chunks:
             if text := str(chunk.text):  # subtle: a plain str, half the size of langchain-core's TextAccessor
+                pieces: list[str] = [text]
+            else:
+                pieces = reasoning(chunk.content)
+                turn.thoughts += len(pieces)
+            for token in pieces:
                 turn.first_token_at = turn.first_token_at or time.perf_counter()
-                turn.tokens.append(text)
-                grow(turn, text)
+                turn.tokens.append(token)
+                grow(turn, token)
                 turn.changed.set()
                 STORE.record(turn)
                 while len(turn.tokens) - turn.sent > WINDOW and session.owner is not None:
@@ -1086,6 +1190,38 @@ async def read(session: Session, turn: Turn) -> tuple[str | None, dict[str, int]
                 usage = {k: chunk.usage_metadata[k] for k in ("input_tokens", "output_tokens")}
                 usage |= {k: chunk.response_metadata[k] for k in CACHE_USAGE if k in chunk.response_metadata}
     return stop_reason, usage
+
+
+def reasoning(content: str | list[Any]) -> list[str]:
+    """The reasoning in a chunk's content, as Thoughts: langchain-aws's reasoning_content blocks (a redacted one as
+    Thought("")) and LangChain's standard reasoning blocks. Signatures are left out: the history holds no thinking."""
+    thoughts: list[str] = []
+    for block in content if type(content) is list else ():
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "reasoning_content" and (text := block["reasoning_content"].get("text")):
+            thoughts.append(Thought(text))
+        elif kind == "reasoning_content" and "redacted_content" in block["reasoning_content"]:
+            thoughts.append(Thought(""))
+        elif kind == "reasoning" and (text := block.get("reasoning")):
+            thoughts.append(Thought(text))
+    return thoughts
+
+
+def text_of(turn: Turn) -> str:
+    """The answer's text: its tokens without its reasoning."""
+    return "".join([t for t in turn.tokens if type(t) is str] if turn.thoughts else turn.tokens)
+
+
+def reasoning_chars(turn: Turn) -> int:
+    return sum(len(t) for t in turn.tokens if type(t) is Thought) if turn.thoughts else 0
+
+
+def frame_of(token: str, seq: int) -> dict[str, Any]:
+    if type(token) is str:
+        return {"type": "token", "text": token, "seq": seq}
+    if token:
+        return {"type": "reasoning", "text": token, "seq": seq}
+    return {"type": "reasoning", "redacted": True, "seq": seq}
 
 
 async def deliver(ws: WebSocket, session: Session, turn: Turn, after: int, start: dict[str, Any] | None) -> None:
@@ -1100,7 +1236,7 @@ async def deliver(ws: WebSocket, session: Session, turn: Turn, after: int, start
         while session.owner is ws:
             if sent < len(turn.tokens):
                 sent = turn.sent = sent + 1
-                await send(ws, {"type": "token", "text": turn.tokens[sent - 1], "seq": sent})
+                await send(ws, frame_of(turn.tokens[sent - 1], sent))
                 turn.room.set()
             elif turn.final is None:
                 turn.changed.clear()
@@ -1811,7 +1947,10 @@ class RedisStore(Store):
         keys, args = [], [self.held_ttl]
         for turn, (count, final) in written.items():
             shared = self.shared.get(turn, 0)
-            batch = json.dumps(turn.tokens[shared:count], ensure_ascii=False) if shared < count else ""
+            batch = turn.tokens[shared:count]
+            if turn.thoughts:  # a Thought as {"r": its text}
+                batch = [{"r": t} if type(t) is Thought else t for t in batch]
+            batch = json.dumps(batch, ensure_ascii=False) if shared < count else ""
             end = "" if final is None else json.dumps(final, ensure_ascii=False)
             keys += [self.turn_key(turn.id), self.session_key(self.live[turn])]
             args += [shared + 1, batch, end, len(turn.context), turn.id]
@@ -1847,6 +1986,9 @@ class RedisStore(Store):
             if b"t" in data:
                 first, tokens = int(data[b"s"]), json.loads(data[b"t"])
                 for token in tokens[len(turn.tokens) + 1 - first :]:  # a batch written twice counts once
+                    if type(token) is dict:
+                        token = Thought(token["r"])
+                        turn.thoughts += 1
                     turn.tokens.append(token)
                     grow(turn, token)
             else:
@@ -2030,6 +2172,12 @@ REFUSALS = Counter(
     ["code"],
     registry=REGISTRY,
 )
+REASONING_CHARS = Counter(
+    "chat_stream_reasoning_chars",
+    "Characters of the model's reasoning streamed to clients (reasoning frames), over all answers.",
+    [MODEL_LABEL],
+    registry=REGISTRY,
+)
 UPSTREAM_RETRIES = Counter(
     "chat_stream_upstream_retries",
     "Bedrock requests botocore sent again (throttling, 5xx, connection errors).",
@@ -2070,6 +2218,7 @@ class PrometheusMeter(Meter):
         for key, kind in TOKEN_TYPES.items():
             if reported and key in usage:
                 TOKENS.labels(BEDROCK_MODEL_ID, kind).observe(usage[key])
+        REASONING_CHARS.labels(BEDROCK_MODEL_ID).inc(reasoning_chars(turn))
 
     def refused(self, code: str) -> None:
         super().refused(code)
@@ -2181,6 +2330,8 @@ PAGE = r"""<!doctype html>
   .bot th, .bot td { border: 1px solid #8886; padding: .2em .5em; overflow-wrap: normal; }
   @media (max-width: 600px) { .user { margin-left: 8%; } .bot { margin-right: 0; } }
   .bot a { color: var(--accent); }
+  .thinking { color: var(--muted); font-size: .85rem; margin-right: 15%; padding: .25rem .75rem; }
+  .thinking summary { cursor: pointer; } .thinking div { white-space: pre-wrap; max-height: 12rem; overflow-y: auto; }
   form { display: flex; gap: .5rem; padding: .75rem 0; }
   textarea { flex: 1; font: inherit; padding: .5rem; resize: vertical; min-height: 2.5rem; }
   button { font: inherit; padding: .4rem .9rem; border-radius: .4rem; border: 1px solid var(--accent); }
@@ -2204,6 +2355,7 @@ url.search = token ? `?token=${encodeURIComponent(token)}` : "";
 const saved = sessionStorage;  // this tab's conversation: it survives a refresh, and no other tab sees it
 let ws, answer = null, turnId = null, seq = 0, streaming = false, retries = 0, following = true, drawing = 0;
 let asked = null;  // the question of the turn in progress
+let thinking = null;  // the block of its reasoning, if the model thinks aloud
 
 // Markdown, as models write it, built as DOM nodes: text only ever goes in as text (no HTML string is parsed),
 // links only to http(s) and mailto, and images become links (a markdown image is a way to leak a conversation).
@@ -2351,8 +2503,25 @@ function note(kind, text, keep = true, question = null) {  // kept with the numb
   if (keep) saved.setItem("notes", JSON.stringify([...notes(), { at: answers(), kind, text, question }]));
 }
 
+function thought(frame) {  // the model's reasoning, as text, in a muted block above its answer
+  if (!thinking) {
+    thinking = node("details", [node("summary"), node("div")], { className: "msg thinking", open: true, chars: 0 });
+    log.insertBefore(thinking, answer);
+  }
+  thinking.lastChild.append(frame.redacted ? "[redacted]" : frame.text);
+  thinking.chars += frame.redacted ? 0 : frame.text.length;
+  summarize();
+  follow();
+}
+function summarize(done = false) {  // collapsed once the answer starts (or the turn ends), with its length
+  const answering = done || !!(answer && answer.source);
+  if (answering && !thinking.answered) [thinking.answered, thinking.open] = [true, false];
+  thinking.firstChild.textContent = `${answering ? "Thought" : "Thinking…"} (${thinking.chars} characters)`;
+}
+
 function resumed(frame) {  // redraw the conversation as the server holds it; carry on its pending turn
   const keep = frame.pending && frame.pending.turn_id === turnId ? answer : null;  // tokens up to `seq` are shown
+  const keptThinking = keep && thinking;
   log.replaceChildren();
   const kept = notes(), held = frame.history.filter((turn) => turn.role === "assistant").length;
   const offset = Math.max(0, answers() - held);  // the oldest answers, which the server no longer holds
@@ -2371,8 +2540,9 @@ function resumed(frame) {  // redraw the conversation as the server holds it; ca
   asked = frame.pending && frame.pending.question;
   if (frame.pending) {
     show("user", frame.pending.question);
+    if (keptThinking) log.append(keptThinking);
     answer = keep ? log.appendChild(keep) : show("bot", "");
-    if (!keep) [turnId, seq] = [frame.pending.turn_id, 0];
+    if (!keep) [turnId, seq, thinking] = [frame.pending.turn_id, 0, null];  // all of it again, thinking included
   }
   setStreaming(!!frame.pending);
   following = true;
@@ -2412,11 +2582,14 @@ function connect() {
     const frame = JSON.parse(event.data);
     if (frame.type === "start") {
       saved.setItem("session_id", frame.session_id); saved.setItem("resume_token", frame.resume_token);
-      [turnId, seq] = [frame.turn_id, 0];
+      [turnId, seq, thinking] = [frame.turn_id, 0, null];
       answer = show("bot", "");
-    } else if (frame.type === "token") {
+    } else if (frame.type === "token" || frame.type === "reasoning") {
       if (frame.seq !== seq + 1 || !answer) return;  // never shown twice
-      answer.source += frame.text; seq = frame.seq;
+      seq = frame.seq;
+      if (frame.type === "reasoning") return thought(frame);
+      answer.source += frame.text;
+      if (thinking) summarize();
       drawing = drawing || requestAnimationFrame(draw);
     } else if (frame.type === "resumed") resumed(frame);
     else if (frame.type === "error" && frame.code === "not_found") {
@@ -2424,6 +2597,7 @@ function connect() {
       note("note", "The server no longer has this conversation; a new one starts with your next question.", false);
     } else {  // end or error
       cancelAnimationFrame(drawing); draw();
+      if (thinking) summarize(true);
       const kept = frame.type === "end" && !!answer && !!answer.source;  // the server keeps the turn
       if (answer && !answer.source) answer.remove();
       else if (kept) saved.setItem("answers", answers() + 1);
@@ -2432,7 +2606,7 @@ function connect() {
       asked = null;
       if (frame.history_trimmed)  // the model no longer sees the start of the conversation: say so
         note("note", `The model no longer sees the ${frame.history_trimmed} oldest exchange(s) of this conversation.`);
-      answer = null;
+      answer = thinking = null;
       setStreaming(false);
     }
   };

@@ -45,6 +45,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from bedrock_stand_in import (
     OVERFLOWS,
+    REDACTED,
     SETTINGS,
     FakeBedrock,
     RedisServer,
@@ -55,6 +56,7 @@ from bedrock_stand_in import (
     free_port,
     healthy,
     server_env,
+    think,
     wait_for,
 )
 
@@ -361,8 +363,9 @@ def read_answer(ws: ClientConnection) -> list[dict[str, Any]]:
     while not frames or frames[-1]["type"] not in ("end", "error"):
         frames.append(json.loads(ws.recv(timeout=10)))
     if frames[0]["type"] == "start":
-        assert {f.get("turn_id") for f in frames if f["type"] != "token"} == {frames[0]["turn_id"]}, frames
-    seqs = [f["seq"] for f in frames if f["type"] == "token"]
+        turn_ids = {f.get("turn_id") for f in frames if f["type"] not in ("token", "reasoning")}
+        assert turn_ids == {frames[0]["turn_id"]}, frames
+    seqs = [f["seq"] for f in frames if f["type"] in ("token", "reasoning")]  # one count for both
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) if seqs else True, seqs
     return frames
 
@@ -388,6 +391,7 @@ def usage(input_tokens: int, output_tokens: int, cache_read: int = 0, cache_writ
 def answer_frames(session_id: str, tokens: list[str], input_tokens: int, stop_reason: str = "end_turn") -> list[dict]:
     end = {"type": "end", "session_id": session_id, "turn_id": ANY, "full_text": "".join(tokens)}
     end |= {"stop_reason": stop_reason, "usage": usage(input_tokens, len(tokens)), "history_trimmed": 0}
+    end["reasoning_chars"] = 0
     return [start(session_id), *tokens_of(tokens), end]
 
 
@@ -541,6 +545,7 @@ def whole_answer(start: dict, tokens: list[str], first_seq: int, stop_reason: st
     """Tokens from `first_seq` on, then the end frame of the whole answer."""
     end = {"type": "end", "session_id": start["session_id"], "turn_id": start["turn_id"], "full_text": "".join(tokens)}
     end |= {"stop_reason": stop_reason, "usage": usage(input_tokens, len(tokens)), "history_trimmed": 0}
+    end["reasoning_chars"] = 0
     return [*tokens_of(tokens[first_seq - 1 :], first_seq), end]
 
 
@@ -999,6 +1004,7 @@ def test_offline_model_end_turn(tmp_path: Path) -> None:
         "stop_reason": "end_turn",
         "usage": usage(1, 29),
         "history_trimmed": 0,
+        "reasoning_chars": 0,
     }
     assert fenced[-1]["full_text"] == offline("a ``` b", "````")
 
@@ -1135,7 +1141,7 @@ def test_one_log_line_per_answer(ws: ClientConnection, server: Server) -> None:
     (line,) = [line for line in server.log().splitlines() if "session='logged'" in line]
     assert re.search(
         r"INFO: +answer session='logged' turn=[\w-]{16} model=amazon.nova-micro-v1:0 ttft_ms=\d+ duration_ms=\d+ "
-        r"tokens_in=10 tokens_out=4 outcome=end$",
+        r"tokens_in=10 tokens_out=4 reasoning_chars=0 outcome=end$",
         line,
     ), line
     assert "confidential" not in server.log()
@@ -1152,10 +1158,12 @@ def test_log_outcomes(server: Server, bedrock: FakeBedrock) -> None:
         start_slow_answer(ws, bedrock, "left behind", "log-left")
     lines = lambda: [line for line in server.log().splitlines() if "answer session='log-" in line]  # noqa: E731
     wait_for(lambda: len(lines()) == 3, 5, "three answer lines")
-    assert [re.search(r"session='(\S+)'.* tokens_out=(\d+) outcome=(\w+)$", line).groups() for line in lines()] == [
+    line = re.compile(r"session='(\S+)'.* tokens_out=(\d+) reasoning_chars=0 outcome=(\w+)$")
+    left = line.search(lines()[2]).group(2)
+    assert [line.search(found).groups() for found in lines()] == [
         ("log-cancel", str(sent), "cancelled"),
         ("log-error", "2", "throttled"),
-        ("log-left", re.search(r"tokens_out=(\d+) outcome=disconnected", lines()[2]).group(1), "disconnected"),
+        ("log-left", left, "disconnected"),
     ]
 
 
@@ -1166,7 +1174,19 @@ def long_question(i: int, chars: int = 400) -> str:
     return f"{i:<3}" + "x" * (chars - 3)  # 100 estimated tokens; its echo, 102
 
 
-CACHE_MODELS = {"nova": (NOVA, 3), "claude": (CLAUDE, 3), "not cacheable": (UNVERIFIED, 0), "off": (NOVA, 0)}
+CACHE_MODELS = {  # a model of each caching family, and some that are not (a rule: new models of a family match)
+    "nova": (NOVA, 3),
+    "nova premier": ("us.amazon.nova-premier-v1:0", 3),
+    "nova 2": ("global.amazon.nova-2-lite-v1:0", 3),
+    "claude 3.7": (CLAUDE, 3),
+    "claude sonnet 5": ("global.anthropic.claude-sonnet-5", 3),
+    "claude haiku 5.5": ("us.anthropic.claude-haiku-5-5", 3),
+    "claude fable 5": ("anthropic.claude-fable-5", 3),
+    "claude 3.5 sonnet": ("anthropic.claude-3-5-sonnet-20240620-v1:0", 0),
+    "llama": ("meta.llama3-3-70b-instruct-v1:0", 0),
+    "not cacheable": (UNVERIFIED, 0),
+    "off": (NOVA, 0),
+}
 
 
 # 60 turns of long questions and answers against a model with a small context: every answer ends normally, and
@@ -1254,7 +1274,10 @@ def test_prompt_cache_points(bedrock: FakeBedrock, tmp_path: Path, model: str, p
 # when Bedrock adds cacheDetails); input_tokens counts every input token, cached or not. Over a 20-turn
 # conversation, the input billed at full price falls to a fraction, with Claude (which finds cached prefixes before
 # a cache point) and Nova (only at one) alike: the README's arithmetic, printed here.
-@pytest.mark.parametrize("model", [CLAUDE, NOVA], ids=["claude", "nova"])
+CLAUDE_5 = "global.anthropic.claude-sonnet-5"
+
+
+@pytest.mark.parametrize("model", [CLAUDE, NOVA, CLAUDE_5], ids=["claude", "nova", "claude 5"])
 def test_prompt_cache_usage(tmp_path: Path, model: str) -> None:
     fake = FakeBedrock()
     settings = {"BEDROCK_MODEL_ID": model, "SYSTEM_PROMPT": "You are a careful assistant. " * 40, "PROMPT_CACHE": ""}
@@ -1292,6 +1315,280 @@ def test_guardrail(bedrock: FakeBedrock, tmp_path: Path, mode: str) -> None:
     config = {"guardrailIdentifier": "gr-abc123", "guardrailVersion": "2", "streamProcessingMode": mode or "sync"}
     assert call.body["guardrailConfig"] == config
     assert bedrock.calls_for(f"and now {mode}")[0].body["messages"][1] == text("x", "".join(blocked))[1]
+
+
+# --- reasoning: the model's thinking streamed as frames of its own, asked for per model family, never in the history
+
+
+def frames_of(tokens: list[str | dict], first_seq: int = 1) -> list[dict[str, Any]]:
+    """The frames a client gets for the stand-in's deltas: text as token frames, reasoning as reasoning frames."""
+    frames = []
+    for seq, t in enumerate(tokens, first_seq):
+        if isinstance(t, str):
+            frames.append({"type": "token", "text": t, "seq": seq})
+        elif "text" in t["reasoningContent"]:
+            frames.append({"type": "reasoning", "text": t["reasoningContent"]["text"], "seq": seq})
+        else:
+            frames.append({"type": "reasoning", "redacted": True, "seq": seq})
+    return frames
+
+
+def thought_end(start: dict, tokens: list[str | dict], stop_reason: str = "end_turn", input_tokens: int = 10) -> dict:
+    """The end frame of an answer of these deltas: the text alone, and how much reasoning came with it."""
+    answer = "".join(t for t in tokens if isinstance(t, str))
+    reasoning = sum(len(t["reasoningContent"].get("text", "")) for t in tokens if isinstance(t, dict))
+    end = {"type": "end", "session_id": start["session_id"], "turn_id": start["turn_id"], "full_text": answer}
+    end |= {"stop_reason": stop_reason, "usage": usage(input_tokens, len(tokens)), "history_trimmed": 0}
+    return end | {"reasoning_chars": reasoning}
+
+
+THINKING = [  # reasoning, a redacted block, text, reasoning again and text: five content blocks, as Claude streams
+    think("The user"), think(" greets me."), REDACTED, "Hello", " there.", think(" Add a question?"), " How are you?"
+]  # fmt: skip
+
+
+# REASONING_BUDGET on Claude 3.7: the request asks for thinking with that budget and sends no temperature (the
+# stand-in refuses one, as Claude does); each reasoning delta is a reasoning frame, a redacted block one frame with
+# no text, counted in seq with the tokens; end.full_text is the answer alone, with reasoning_chars and Bedrock's
+# output_tokens (which count the thinking); the next request's history holds the answer's text only; the log line
+# and /metrics count the reasoning's characters, never its text.
+def test_reasoning_frames(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    bedrock.replies["think about hello"] = Reply(tokens=THINKING)
+    settings = {**DEFAULTS, "BEDROCK_MODEL_ID": CLAUDE, "REASONING_BUDGET": "1024", "MAX_TOKENS": "2048"}
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server, connect(server.ws_url) as ws:
+        frames = ask(ws, "think about hello", "thinks")
+        assert frames == [start("thinks"), *frames_of(THINKING), thought_end(frames[0], THINKING)]
+        assert frames[-1]["reasoning_chars"] == 35 and frames[-1]["usage"]["output_tokens"] == 7
+        ask(ws, "and then", "thinks")
+        wait_for(lambda: "reasoning_chars=35 outcome=end" in server.log(), 5, "the answer's log line")
+        assert by(scrape(server)["chat_stream_reasoning_chars_total"], "gen_ai_request_model") == {CLAUDE: 35}
+    (call,) = bedrock.calls_for("think about hello")
+    assert call.body["additionalModelRequestFields"] == {"thinking": {"type": "enabled", "budget_tokens": 1024}}
+    assert call.body["inferenceConfig"] == {"maxTokens": 2048}
+    answer = "Hello there. How are you?"
+    assert bedrock.calls_for("and then")[0].body["messages"] == text("think about hello", answer, "and then")
+    assert "greets" not in server.log() and "Hello" not in server.log()
+
+
+# Each family's request fields, written by langchain-aws from REASONING_EFFORT (checked against the model's profile)
+# or from REASONING_BUDGET: Claude 5's adaptive thinking with an effort and no temperature, Nova 2's reasoningConfig,
+# gpt-oss's reasoning_effort, Claude 4.5's budget; and with neither setting, no field at all. The stand-in refuses
+# a thinking request that has a temperature, or a budget out of Claude's range.
+FAMILIES = {
+    "claude 5 effort": (
+        "global.anthropic.claude-sonnet-5",
+        {"REASONING_EFFORT": "high"},
+        {"thinking": {"type": "adaptive"}, "output_config": {"effort": "high"}},
+    ),
+    "nova 2 effort": (
+        "global.amazon.nova-2-lite-v1:0",
+        {"REASONING_EFFORT": "Medium"},
+        {"reasoningConfig": {"type": "enabled", "maxReasoningEffort": "medium"}},
+    ),
+    "gpt-oss effort": ("openai.gpt-oss-120b-1:0", {"REASONING_EFFORT": "low"}, {"reasoning_effort": "low"}),
+    "claude 4.5 budget": (
+        "us.anthropic.claude-sonnet-4-5-20250929-v1:0",
+        {"REASONING_BUDGET": "2000"},
+        {"thinking": {"type": "enabled", "budget_tokens": 2000}},
+    ),
+    "none": (CLAUDE, {}, None),
+}
+
+
+@pytest.mark.parametrize("model,settings,fields", FAMILIES.values(), ids=FAMILIES.keys())
+def test_reasoning_request_fields(bedrock: FakeBedrock, tmp_path: Path, model: str, settings: dict, fields) -> None:
+    settings = {**DEFAULTS, "BEDROCK_MODEL_ID": model, "MAX_TOKENS": "4096", **settings}
+    question = f"fields of {model}"
+    bedrock.replies[question] = Reply(tokens=[think("Hmm."), "Yes."])
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server, connect(server.ws_url) as ws:
+        frames = ask(ws, question, "fields")
+    assert frames[1:] == [*frames_of([think("Hmm."), "Yes."]), thought_end(frames[0], [think("Hmm."), "Yes."])]
+    (call,) = bedrock.calls_for(question)
+    assert call.body.get("additionalModelRequestFields") == fields
+    claude_thinks = fields is not None and "thinking" in fields
+    temperature = None if claude_thinks or "sonnet-5" in model else 0.7  # Claude 5 takes none at all (its profile)
+    assert call.body["inferenceConfig"].get("temperature") == temperature
+
+
+# The reasoning settings that cannot work stop start-up with one line: a budget out of Claude's range, or at once
+# with an effort; an effort the model's profile does not list, or for a model without levels; a budget for a model
+# that takes an effort instead, or for a model that is not Claude; MAX_TOKENS over the model's output limit, or
+# leaving no room in its window.
+@pytest.mark.parametrize(
+    "settings,line",
+    [
+        ({"REASONING_BUDGET": "1000"}, "REASONING_BUDGET=1000 must be at least 1024 and below MAX_TOKENS (4096)"),
+        ({"REASONING_BUDGET": "4096"}, "REASONING_BUDGET=4096 must be at least 1024 and below MAX_TOKENS (4096)"),
+        ({"REASONING_BUDGET": "2048", "REASONING_EFFORT": "low"}, "set REASONING_EFFORT or REASONING_BUDGET, not both"),
+        (
+            {"BEDROCK_MODEL_ID": "global.amazon.nova-2-lite-v1:0", "REASONING_EFFORT": "xhigh"},
+            "REASONING_EFFORT='xhigh': reasoning_effort='xhigh' is not supported for model amazon.nova-2-lite-v1:0. "
+            "Valid values: ['low', 'medium', 'high']",
+        ),
+        (
+            {"BEDROCK_MODEL_ID": "global.anthropic.claude-sonnet-5", "REASONING_EFFORT": "extreme"},
+            "REASONING_EFFORT='extreme': Input should be 'none', 'low', 'medium', 'high', 'xhigh' or 'max'",
+        ),
+        ({"REASONING_EFFORT": "low"}, f"REASONING_EFFORT: {NOVA} has no effort levels (in langchain-aws's profile)"),
+        (
+            {"BEDROCK_MODEL_ID": "us.anthropic.claude-haiku-5-5", "REASONING_BUDGET": "2048"},
+            "REASONING_BUDGET: us.anthropic.claude-haiku-5-5 takes no thinking budget; it takes REASONING_EFFORT",
+        ),
+        ({"REASONING_BUDGET": "2048"}, f"REASONING_BUDGET: {NOVA} takes no thinking budget"),
+        ({"MAX_TOKENS": "20000"}, f"MAX_TOKENS=20000 is above {NOVA}'s 10000 output tokens"),
+        (
+            {"BEDROCK_MODEL_ID": "qwen.qwen3-32b-v1:0", "MAX_TOKENS": "16384", "MAX_HISTORY_TOKENS": "99999"},
+            None,  # fits: 32768 - 16384 tokens of history
+        ),
+    ],
+    ids=["budget low", "budget high", "both", "level not in profile", "no level", "no levels", "budget for effort",
+         "budget for nova", "max tokens", "fits"],
+)  # fmt: skip
+def test_reasoning_settings_stop_startup(settings: dict[str, str], line: str | None) -> None:
+    if line is None:
+        script = "import chat_stream as m; print(m.HISTORY_TOKENS)"
+        result = subprocess.run([sys.executable, "-c", script], cwd=HERE, env=server_env(**settings), text=True,
+                                capture_output=True, timeout=60)  # fmt: skip
+        assert result.stdout == "16384\n", result.stderr
+        return
+    result = start_up(**settings)
+    assert (result.returncode, result.stderr) == (1, f"chat_stream: {line}\n")
+
+
+# The context budget never exceeds the model's window (its profile's max_input_tokens) less MAX_TOKENS: against a
+# 32k-window model whose stand-in refuses a request over it, three questions of 7,500 tokens each all end normally
+# in one request each (the history trimmed to fit first); MAX_HISTORY_TOKENS alone (100,000) would overflow the
+# third, and only the overflow's retry would save it.
+def test_context_budget_from_the_profile(tmp_path: Path) -> None:
+    fake = FakeBedrock(context_limit=32768 - 4096)
+    settings = {"BEDROCK_MODEL_ID": "qwen.qwen3-32b-v1:0", "MAX_QUESTION_CHARS": "40000", "MAX_TOKENS": "4096"}
+    try:
+        with run_server(tmp_path, BEDROCK_ENDPOINT_URL=fake.url, **settings) as server, connect(server.ws_url) as ws:
+            ends = [ask(ws, long_question(i, 30_000), "window")[-1] for i in range(4)]
+    finally:
+        fake.close()
+    assert [(end["type"], end["history_trimmed"]) for end in ends] == [("end", 0), ("end", 0), ("end", 1), ("end", 1)]
+    assert len(fake.calls) == 4 and max(estimated_tokens(c.body) for c in fake.calls) <= 32768 - 4096
+
+
+# Nova v1 writes its reasoning inline, as <thinking>...</thinking> text: it becomes reasoning frames, never answer
+# text, even with both tags split across deltas; the whitespace after a tag goes; a "<" that starts no tag stays
+# text, also when it ends the answer's last delta.
+def test_nova_inline_thinking(ws: ClientConnection, bedrock: FakeBedrock) -> None:
+    deltas = ["<thin", "king>\nI should", " greet.</thi", "nking>\n\nHello", " <b>there", "</b> 1 <"]
+    bedrock.replies["inline thinking"] = Reply(tokens=deltas)
+    frames = ask(ws, "inline thinking", "inline")
+    thoughts = [think("I should"), think(" greet."), "Hello", " <b>there", "</b> 1 ", "<"]
+    assert frames == [start("inline"), *frames_of(thoughts), thought_end(frames[0], thoughts)]
+    ask(ws, "after inline", "inline")
+    answer = "Hello <b>there</b> 1 <"
+    assert bedrock.calls_for("after inline")[0].body["messages"] == text("inline thinking", answer, "after inline")
+
+
+# A reasoning-only answer (thinking, then no text) ends normally with an empty full_text and is not recorded: the
+# next question goes alone. A cancel mid-thinking ends the turn as a cancel does, with what was thought counted.
+def test_thinking_without_an_answer(ws: ClientConnection, bedrock: FakeBedrock) -> None:
+    only = [think("Let me think."), think(" No answer.")]
+    bedrock.replies["only thinks"] = Reply(tokens=only)
+    frames = ask(ws, "only thinks", "no-text")
+    assert frames == [start("no-text"), *frames_of(only), thought_end(frames[0], only)]
+    bedrock.replies["thinks for long"] = Reply(tokens=[think(f" step {i}.") for i in range(200)], delay=0.05)
+    ws.send(json.dumps({"question": "thinks for long", "session_id": "no-text"}))
+    seen = [json.loads(ws.recv(timeout=5)) for _ in range(4)]
+    ws.send(json.dumps({"type": "cancel"}))
+    rest = read_answer(ws)
+    assert [f["type"] for f in seen + rest] == ["start"] + ["reasoning"] * (len(seen + rest) - 2) + ["end"]
+    thought = "".join(f["text"] for f in seen[1:] + rest[:-1])
+    assert rest[-1] | {"usage": None} == {
+        "type": "end", "session_id": "no-text", "turn_id": seen[0]["turn_id"], "full_text": "",
+        "stop_reason": "cancelled", "usage": None, "history_trimmed": 0, "reasoning_chars": len(thought),
+    }  # fmt: skip
+    assert thought.startswith(" step 0. step 1. step 2.") and len(rest) < 30
+    ask(ws, "then answer", "no-text")
+    assert bedrock.calls_for("then answer")[0].body["messages"] == text("then answer")
+
+
+# STREAM_TIMEOUT (1.5 s here) counts between any two events: 8 reasoning deltas 0.4 s apart (3.2 s of thinking) are
+# not a timeout.
+def test_a_long_think_is_no_timeout(ws: ClientConnection, bedrock: FakeBedrock) -> None:
+    slow = [think(f" idea {i}") for i in range(8)] + ["Done."]
+    bedrock.replies["slow thinker"] = Reply(tokens=slow, delay=0.4, first_delay=0.4)
+    frames = ask(ws, "slow thinker", "slow-think")
+    assert frames == [start("slow-think"), *frames_of(slow), thought_end(frames[0], slow)]
+
+
+# The read-ahead window counts reasoning as it counts tokens: a client that stops reading a long think holds
+# Bedrock's stream back (fewer than half of the 4,000 deltas of 10 kB are read, socket buffers included), and
+# SEND_TIMEOUT closes it.
+def test_reasoning_is_held_back_for_a_slow_reader(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    bedrock.replies["think at length"] = Reply(tokens=[think("y" * 10_000)] * 4000)
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, SEND_TIMEOUT="2") as server:
+        with slow_reader(server) as stalled:
+            stalled.send(json.dumps({"question": "think at length", "session_id": "held"}))
+            wait_for(lambda: bedrock.calls_for("think at length"), 5, "the Bedrock request")
+            (call,) = bedrock.calls_for("think at length")
+            wait_for(until_still(lambda: call.tokens_sent), 10, "Bedrock's stream to be held back")
+            assert call.tokens_sent < 2000 and not call.finished
+            wait_for(lambda: server.health()["connections"] == 0, 10, "the stalled client to be closed")
+        wait_for(lambda: call.client_closed_at, 2, "the Bedrock stream to close")
+
+
+# A resume mid-thinking or mid-answer replays the reasoning and the tokens after `after` exactly once, in order, on
+# each store; once delivered, the session's history holds the answer's text alone.
+@pytest.mark.parametrize("seen", [5, 45], ids=["mid-thinking", "mid-answer"])
+def test_resume_with_reasoning(resumable: Server, bedrock: FakeBedrock, seen: int) -> None:
+    question, deltas = f"resume a thinker {seen}", [think(f" t{i}") for i in range(40)] + [f" a{i}" for i in range(20)]
+    bedrock.replies[question] = Reply(tokens=deltas, delay=0.02)
+    with connect(resumable.ws_url) as ws:
+        ws.send(json.dumps({"question": question}))
+        got = [json.loads(ws.recv(timeout=5)) for _ in range(1 + seen)]
+    start = got[0]
+    assert got[1:] == frames_of(deltas[:seen])
+    with connect(resumable.ws_url) as ws:
+        assert resume(ws, start, turn_id=start["turn_id"], after=seen) == resumed(start, question)
+        assert read_answer(ws) == [*frames_of(deltas[seen:], seen + 1), thought_end(start, deltas)]
+        answer = "".join(f" a{i}" for i in range(20))
+        assert resume(ws, start) == resumed(start, None, [question, answer])
+
+
+# The same across processes, through Redis: the answer read on A, resumed mid-thinking on B.
+def test_resume_with_reasoning_on_another_process(pair: list[Server], bedrock: FakeBedrock) -> None:
+    a, b = pair
+    question, deltas = "think across", [think(f" t{i}") for i in range(40)] + [f" a{i}" for i in range(20)]
+    bedrock.replies[question] = Reply(tokens=deltas, delay=0.02)
+    with connect(a.ws_url) as ws:
+        ws.send(json.dumps({"question": question}))
+        got = [json.loads(ws.recv(timeout=5)) for _ in range(1 + 7)]
+    start = got[0]
+    with connect(b.ws_url) as ws:
+        assert resume(ws, start, turn_id=start["turn_id"], after=7) == resumed(start, question)
+        assert read_answer(ws) == [*frames_of(deltas[7:], 8), thought_end(start, deltas)]
+    assert len(bedrock.calls_for(question)) == 1
+
+
+# A client that knows only token frames works unchanged when the model thinks: the README's Python client, run
+# against the offline model thinking aloud (REASONING_EFFORT), prints the answer and nothing of the thinking.
+def test_a_client_that_knows_only_tokens(tmp_path: Path) -> None:
+    readme = (HERE / "README.md").read_text()
+    client = re.search(r"^## Clients.*?^```python\n(.*?)^```", readme, re.S | re.M).group(1)
+    with run_server(tmp_path, BEDROCK_MODEL_ID="offline", REASONING_EFFORT="low") as server:
+        client = client.replace("ws://127.0.0.1:8000/", f"ws://127.0.0.1:{server.port}/")
+        result = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, timeout=30)
+    printed, end = result.stdout.split("\n {", 1)
+    assert printed == offline("What is Bedrock?"), result.stderr
+    thought = "The question has 3 words; I echo them. "  # the offline model's thinking
+    assert f"'reasoning_chars': {len(thought)}" in end and "I echo them" not in result.stdout
+
+
+# Bedrock's stop reasons reach end.stop_reason as sent, each of them.
+STOP_REASONS = ["end_turn", "max_tokens", "stop_sequence", "guardrail_intervened", "content_filtered",
+                "model_context_window_exceeded", "malformed_model_output"]  # fmt: skip
+
+
+def test_every_stop_reason(ws: ClientConnection, bedrock: FakeBedrock) -> None:
+    for reason in STOP_REASONS:
+        bedrock.replies[f"stops with {reason}"] = Reply(tokens=["Partial"], stop_reason=reason)
+        assert ask(ws, f"stops with {reason}", "stops")[-1]["stop_reason"] == reason
 
 
 # --- bad input: a clear error frame, and the connection keeps working
@@ -1406,6 +1703,7 @@ def test_cancel(ws: ClientConnection, bedrock: FakeBedrock) -> None:
         "stop_reason": "cancelled",
         "usage": usage(0, len(frames) - 2),  # Bedrock's usage never came: the deltas sent
         "history_trimmed": 0,
+        "reasoning_chars": 0,
     }
     assert sent.startswith(" w0 w1 w2") and len(frames) < 30
     (call,) = bedrock.calls_for("tell me a long story")
@@ -1425,7 +1723,7 @@ def test_cancel_before_first_token(ws: ClientConnection, bedrock: FakeBedrock) -
     ws.send(json.dumps({"type": "cancel"}))
     assert read_answer(ws) == [
         {"type": "end", "session_id": "early-cancel", "turn_id": ANY, "full_text": "", "stop_reason": "cancelled",
-         "usage": usage(0, 0), "history_trimmed": 0},
+         "usage": usage(0, 0), "history_trimmed": 0, "reasoning_chars": 0},
     ]  # fmt: skip
     ask(ws, "start over", "early-cancel")
     assert bedrock.calls_for("start over")[0].body["messages"] == text("start over")
@@ -1435,8 +1733,9 @@ def test_cancel_before_first_token(ws: ClientConnection, bedrock: FakeBedrock) -
 # then ends the answer, and full_text, and the history, are exactly the tokens the client received.
 def test_full_text_is_what_was_sent(bedrock: FakeBedrock, tmp_path: Path) -> None:
     bedrock.replies["fill the pipe"] = Reply(tokens=[f"<{i}>" + "x" * 50_000 for i in range(256)])
+    settings = {"MAX_HISTORY_TOKENS": 10**7, "BEDROCK_MODEL_ID": UNVERIFIED}  # no profile: no window but the budget
     with (
-        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, MAX_HISTORY_TOKENS=10**7) as server,
+        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server,
         slow_reader(server) as ws,
     ):
         ws.send(json.dumps({"question": "fill the pipe", "session_id": "pipe"}))
@@ -1470,6 +1769,7 @@ def test_cancel_after_the_stream_ended(server: Server, bedrock: FakeBedrock) -> 
         "stop_reason": "end_turn",
         "usage": usage(10, 2),
         "history_trimmed": 0,
+        "reasoning_chars": 0,
     }
 
 
@@ -2765,7 +3065,7 @@ REFUSAL_CODES = ["invalid_request", "too_large", "busy", "session_in_use", "not_
 
 
 ANSWER_FIELDS = {"session_id": str, "turn_id": str, "model": str, "ttft_ms": int, "duration_ms": int}
-ANSWER_FIELDS |= {"tokens_in": int, "tokens_out": int, "outcome": str}
+ANSWER_FIELDS |= {"tokens_in": int, "tokens_out": int, "reasoning_chars": int, "outcome": str}
 
 
 ODD_ID = 'j1 "}\n{"level": "x" \U0001f600\u202e\\'  # a session id that would break a careless line
@@ -3434,6 +3734,33 @@ def test_page_says_why_it_is_refused(page: Any, guarded: Server) -> None:
     assert "refused a WebSocket: no key" in guarded.log() and "refused a WebSocket: wrong key" in guarded.log()
     assert "not-the-key" not in guarded.log()
     open_chat(page, f"{guarded.http}/?token={QUOTED_KEY}")
+
+
+# The model's thinking shows as it streams, as text (never HTML), in a muted block above the answer, open; once the
+# answer starts it is collapsed, with its length; a refresh mid-thinking replays the pending turn's thinking whole,
+# once; the answer holds none of it.
+@needs_chromium
+def test_page_shows_thinking(page: Any, resumable_layered: Server, bedrock: FakeBedrock) -> None:
+    from playwright.sync_api import expect
+
+    thoughts = [f" step {i} <img src=x onerror=alert(1)>" for i in range(40)]
+    answer = [f" ans{i}" for i in range(10)]
+    bedrock.replies["page thinks"] = Reply(tokens=[*map(think, thoughts), *answer], delay=0.05)
+    open_chat(page, resumable_layered.http + "/")
+    ask_on_page(page, "page thinks")
+    block = page.locator("details.thinking")
+    expect(block).to_contain_text("step 3")
+    expect(block).to_have_attribute("open", "")
+    expect(block.locator("summary")).to_contain_text("Thinking…")
+    page.reload()
+    expect(page.locator(".user")).to_have_text(["page thinks"])
+    expect(block.locator("div")).to_contain_text("step 0")  # replayed from its start
+    page_answer(page, answer)
+    expect(block.locator("div")).to_have_text("".join(thoughts))
+    expect(block).not_to_have_attribute("open", "")
+    expect(block.locator("summary")).to_have_text(f"Thought ({len(''.join(thoughts))} characters)")
+    assert page.locator(".thinking img").count() == 0 and page.locator(".bot").count() == 1
+    assert page.evaluate("document.querySelector('.thinking').nextElementSibling.className") == "msg bot"
 
 
 # A refresh redraws the page's notes where they were: "Stopped." after a stopped answer, an error (with the question
