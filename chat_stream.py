@@ -9,6 +9,7 @@ Protocol, on ws://HOST:PORT/ws/chat/completions, one JSON text frame per message
                      {"type": "end_session", "session_id"}     forget one of this connection's sessions now
                      {"type": "resume", "session_id", "resume_token", "turn_id"?, "after"?}
                                                                 rejoin a session after a dropped connection
+                     {"type": "refresh", "token"}               with signed tokens: a new one, before this one expires
   server -> client   {"type": "start", "session_id", "turn_id", "resume_token"}
                      {"type": "token", "text", "seq"}           zero or more; seq counts 1, 2, 3, ... in a turn
                      {"type": "reasoning", "text" or "redacted": true, "seq"}
@@ -19,13 +20,13 @@ Protocol, on ws://HOST:PORT/ws/chat/completions, one JSON text frame per message
                       "reasoning_chars"}                        full_text is the answer only, without the thinking
                      or {"type": "error", "session_id"?, "turn_id"?, "code", "message"}
                      {"type": "resumed", "session_id", "history": [{"role", "text"}], "pending": null or
-                      {"turn_id", "question"}}, then the pending turn's tokens after `after`, live, and its end
+                      {"turn_id", "question"}}, then the pending turn's frames after `after`, live, and its end
+                     {"type": "refreshed", "expires_at"}        the refresh was taken
 Error codes: invalid_request, too_large, busy, session_in_use, not_found, throttled, access_denied, model_error,
 unavailable, timeout, internal (each with its messages in ERRORS). After any error the connection stays open. Close
-codes, from the server layer: 1007 (text that is not UTF-8), 1008 (too many frames, or a message that never ends),
-1009 (frame too large), 1012
-(server restart: SIGTERM drains answers first). A session outlives its connection by SESSION_TTL, and its answer
-streams on for RESUME_GRACE, for a resume.
+codes, from the layers: 1007 (text that is not UTF-8), 1008 (too many frames, or a message that never ends), 1009
+(frame too large), 1012 (server restart: SIGTERM drains answers first), 4401 (with signed tokens: the token
+expired). A session outlives its connection by SESSION_TTL, and its answer streams on for RESUME_GRACE, for a resume.
 
 The module has two parts. The reference, the whole protocol on one process (copy it alone, from the top to the
 `# ===` line, and mount its `app` or its `routes`: see the README's "Lift the reference"):
@@ -33,7 +34,8 @@ The module has two parts. The reference, the whole protocol on one process (copy
   (every code and message, and the meter: an answer's log line, refusals counted); one answer; the connection;
   routes and the app.
 Then the layers a sidecar adds, each a section that can be deleted whole, with its settings and imports:
-  the Redis store (REDIS_URL: sessions shared by every process and replica); metrics and JSON logs (GET /metrics,
+  the Redis store (REDIS_URL: sessions shared by every process and replica); signed tokens (JWT_SECRET, ...: a JWT
+  per user at the handshake, in place of the shared key); metrics and JSON logs (GET /metrics,
   LOG_FORMAT=json); the chat page (GET /); the server (uvicorn's protocols with their limits, the drain on SIGTERM,
   workers) and main.
 """
@@ -52,7 +54,6 @@ import re
 import secrets
 import sys
 import time
-import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -91,7 +92,7 @@ from langchain_core.messages import (
 )
 from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import PrivateAttr, ValidationError, model_validator
+from pydantic import PrivateAttr, model_validator
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
@@ -254,6 +255,9 @@ class Thought(str):
     __slots__ = ()
 
 
+REDACTED = Thought("")  # a block of reasoning the model redacted: one frame, with no text
+
+
 @dataclass(eq=False)
 class Turn:
     """One answer. Its tokens (answer text, and the model's reasoning as Thoughts) stay here until its final frame is
@@ -266,7 +270,7 @@ class Turn:
     reserved: int = 0  # of ANSWER_BYTES, what its tokens have not used yet (see grow); released when it ends
     counted: bool = False  # its bytes are in MEMORY (it is the pending turn of a session held here)
     tokens: list[str] = field(default_factory=list)  # every token so far
-    thoughts: int = 0  # how many of them are Thoughts
+    thought: bool = False  # some of them are Thoughts
     context: list[BaseMessage] = field(default_factory=list)  # the history sent with the question
     first_token_at: float | None = None  # time.perf_counter() when the first token arrived
     final: dict[str, Any] | None = None  # its end or error frame, once the answer is over
@@ -288,6 +292,7 @@ class Session:
     client: str = ""  # the address of the connection that last held it (see client_of)
     replay_due: float = 0.0  # (loop time) until when its resumes' replays are paid for (see resume)
     bytes: int = 0  # what its history holds, as stored (see weigh)
+    user: str | None = None  # whose it is, when handshakes name users (see Gate): only they may ask, end or resume
 
 
 SESSIONS: dict[str, Session] = {}  # at most MAX_SESSIONS; leave on end_session, expiry (SESSION_TTL) or eviction
@@ -425,7 +430,7 @@ def new_session(session_id: str | None, ws: WebSocket, question: str) -> Session
         raise BadRequest("client_full", session_id)
     if why := room(1, more):
         raise BadRequest(why, session_id)
-    session = Session(session_id or secrets.token_urlsafe(16), ws, client=client)
+    session = Session(session_id or secrets.token_urlsafe(16), ws, client=client, user=GATE.user(ws))
     keep(session)
     return session
 
@@ -567,8 +572,15 @@ def background(coroutine: Any) -> None:
     task.add_done_callback(BACKGROUND.discard)
 
 
-def digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode(errors="surrogatepass")).digest()  # subtle: a client may send lone surrogates
+def user_hash(user: str) -> str:
+    """A user as logs show them: a short hash of the id, never the id."""
+    return hashlib.sha256(user.encode(errors="surrogatepass")).hexdigest()[:12]
+
+
+def digest(token: str, user: str | None = None) -> bytes:
+    """What a resume must prove, hashed: the session's resume token, and the user it belongs to (if any)."""
+    proof = token if user is None else f"{len(user)}:{user}:{token}"
+    return hashlib.sha256(proof.encode(errors="surrogatepass")).digest()  # subtle: a client may send lone surrogates
 
 
 class Store:
@@ -600,10 +612,11 @@ class Store:
     async def settle(self, session: Session, turn: Turn) -> None:
         """`turn` is delivered, and `settle` made the history `session.history`."""
 
-    async def claim(self, session_id: str, token: str, here: Session | None) -> Session | None:
-        """The session a resume names, if `token` is its resume token: `here` (this process's copy), or a fresh copy
-        of the one the store holds; None for a wrong token or no such session."""
-        if here is None or not hmac.compare_digest(digest(token), digest(here.resume_token)):
+    async def claim(self, session_id: str, token: str, here: Session | None, user: str | None) -> Session | None:
+        """The session a resume names, if `token` is its resume token and `user` its user: `here` (this process's
+        copy), or a fresh copy of the one the store holds; None for a wrong token, another user's session, or no
+        such session."""
+        if here is None or not hmac.compare_digest(digest(token, user), digest(here.resume_token, here.user)):
             return None
         return here
 
@@ -617,8 +630,8 @@ class Store:
     async def forget(self, session: Session) -> None:
         """end_session: the session goes now."""
 
-    async def exists(self, session_id: str) -> bool:
-        """A session this process does not hold exists elsewhere."""
+    async def exists(self, session_id: str, user: str | None) -> bool:
+        """A session of `user`'s that this process does not hold exists elsewhere."""
         return False
 
     async def read_elsewhere(self, session: Session) -> bool:
@@ -746,37 +759,65 @@ class BedrockChat(ChatBedrockConverse):
 
 
 class InlineReasoning:
-    """A stream of text deltas split at inline reasoning tags (Nova v1's <thinking>...</thinking>): what is inside
-    becomes reasoning chunks, shaped as langchain-aws shapes Bedrock's reasoningContent deltas, even when a tag is
-    split across deltas (the start of a tag is held back until the next delta shows whether it is one). The
-    whitespace right after a tag is dropped, as langchain-aws drops it."""
+    """Nova v1's inline reasoning, <thinking>...</thinking> before its answer (as langchain-aws knows it), split out of
+    a stream of text deltas as reasoning chunks shaped as langchain-aws shapes reasoningContent deltas. An opening tag
+    counts only before the answer's first text (or right after a closing tag): one the answer mentions is text. A
+    delta that ends with the start of a tag is held back until the next one shows whether it is one, and so is
+    leading whitespace (blank before a tag, it goes). The newlines right after a tag go too. An opening tag that the
+    block never closes was text after all (langchain-aws splits complete pairs only): what streamed as reasoning
+    since comes again, as text, when the block ends."""
 
-    def __init__(self, open_tag: str, close_tag: str) -> None:
-        self.tags = (open_tag, close_tag)
-        self.inside, self.held, self.after_tag = False, "", False
+    def __init__(self, opening: str, closing: str) -> None:
+        self.opening, self.closing = opening, closing
+        self.inside = False  # within the tags
+        self.leading = True  # no answer text yet (since the start, or a closing tag): an opening tag may come
+        self.after_tag = False  # newlines here go
+        self.held = ""
+        self.thought: list[str] = []  # the reasoning since the opening tag, in case none closes it
 
     def split(self, text: str, end: bool = False) -> list[AIMessageChunk]:
         """The chunks of `text`, after what was held back; with `end` (the content block ended), nothing is held."""
+        if not (self.inside or self.leading or self.held):  # the answer, after its reasoning: the hot path
+            return [AIMessageChunk(text)] if text else []
         pieces: list[AIMessageChunk] = []
         text, self.held = self.held + text, ""
-        while (at := text.find(tag := self.tags[self.inside])) >= 0:
-            self.add(pieces, text[:at])
-            text, self.inside, self.after_tag = text[at + len(tag) :], not self.inside, True
-        held = 0
-        if not end and tag[0] in text[1 - len(tag) :]:  # it may end with the start of a tag
-            held = next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)
-        self.add(pieces, text[: len(text) - held])
-        self.held = text[len(text) - held :]
+        while self.inside or self.leading:
+            tag = self.closing if self.inside else self.opening
+            if (at := text.find(tag)) < 0 or (not self.inside and text[:at].strip()):
+                break  # no tag here (or text before an opening one: it is the answer's)
+            if self.inside:
+                self.add(pieces, text[:at])  # (before an opening tag, only blanks: they go)
+            text, self.inside, self.leading, self.after_tag = text[at + len(tag) :], not self.inside, True, True
+            self.thought = []
+        if not end and (self.inside or self.leading):
+            keep = held_back(text, self.closing if self.inside else self.opening)
+            if not self.inside and not text[: len(text) - keep].strip():
+                keep = len(text)  # blank so far: it may come before a tag
+            text, self.held = text[: len(text) - keep], text[len(text) - keep :]
+        self.add(pieces, text)
+        if end and self.inside:  # never closed: text
+            pieces.append(AIMessageChunk(self.opening + "".join(self.thought)))
+            self.inside, self.leading, self.thought = False, False, []
         return pieces
 
     def add(self, pieces: list[AIMessageChunk], text: str) -> None:
         if self.after_tag:
-            text = text.lstrip()
+            text = text.lstrip("\r\n")
             self.after_tag = not text
         if text and self.inside:
-            pieces.append(AIMessageChunk([{"type": "reasoning_content", "reasoning_content": {"text": text}}]))
+            self.thought.append(text)
+            block = {"type": "reasoning_content", "reasoning_content": {"text": text}, "index": 0}  # subtle: an index,
+            pieces.append(AIMessageChunk([block]))  # or langchain-core's merge of the chunks takes quadratic time
         elif text:
             pieces.append(AIMessageChunk(text))
+            self.leading = self.leading and not text.strip()
+
+
+def held_back(text: str, tag: str) -> int:
+    """How many characters at the end of `text` may be the start of `tag`."""
+    if tag[0] not in text[1 - len(tag) :]:
+        return 0
+    return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)
 
 
 class OfflineChat(BaseChatModel):
@@ -884,27 +925,25 @@ def build_model() -> BaseChatModel:
     if BEDROCK_MODEL_ID.startswith("arn:") and not BEDROCK_PROVIDER:
         raise BadSetting("BEDROCK_MODEL_ID is an ARN: set BEDROCK_PROVIDER too (anthropic, amazon, meta, ...)")
     budget = REASONING_BUDGET and {"thinking": {"type": "enabled", "budget_tokens": REASONING_BUDGET}}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # an effort for a model without levels is only a warning there: see below
-            model = build_bedrock(budget)
-    except ValidationError as exc:  # not a level, or one the model's profile does not list
-        why = exc.errors()[0]["msg"].removeprefix("Value error, ")
-        raise BadSetting(f"REASONING_EFFORT={REASONING_EFFORT!r}: {why}") from None
-    profile, fields = model.profile or {}, model.additional_model_request_fields or {}
-    if REASONING_EFFORT and not fields:
-        raise BadSetting(f"REASONING_EFFORT: {BEDROCK_MODEL_ID} has no effort levels (in langchain-aws's profile)")
-    if budget and (model.provider != "anthropic" or profile.get("reasoning_effort_levels")):
-        instead = "; it takes REASONING_EFFORT" if profile.get("reasoning_effort_levels") else ""
+    model = build_bedrock(budget)
+    profile = model.profile or {}
+    levels = profile.get("reasoning_effort_levels") or []
+    if REASONING_EFFORT and REASONING_EFFORT not in levels:
+        takes = f"one of {', '.join(levels)}" if levels else "none (langchain-aws's profile lists no levels)"
+        raise BadSetting(f"REASONING_EFFORT={REASONING_EFFORT!r}: {BEDROCK_MODEL_ID} takes {takes}")
+    if REASONING_EFFORT:
+        model = build_bedrock(None, REASONING_EFFORT)  # langchain-aws writes the family's request fields
+    if budget and (model.provider != "anthropic" or levels):
+        instead = "; it takes REASONING_EFFORT" if levels else ""
         raise BadSetting(f"REASONING_BUDGET: {BEDROCK_MODEL_ID} takes no thinking budget{instead}")
-    if MAX_TOKENS > (most := profile.get("max_output_tokens") or MAX_TOKENS):
+    if (most := profile.get("max_output_tokens")) and MAX_TOKENS > most:
         raise BadSetting(f"MAX_TOKENS={MAX_TOKENS} is above {BEDROCK_MODEL_ID}'s {most} output tokens")
-    if "thinking" in fields:
-        model.temperature = None  # subtle: Claude refuses a temperature with thinking on
+    if "thinking" in (model.additional_model_request_fields or {}) or profile.get("temperature") is False:
+        model.temperature = None  # subtle: Claude refuses one with thinking on, and Claude 5 always
     return model
 
 
-def build_bedrock(thinking: dict[str, Any] | None) -> BedrockChat:
+def build_bedrock(thinking: dict[str, Any] | None, effort: str | None = None) -> BedrockChat:
     return BedrockChat(
         model_id=BEDROCK_MODEL_ID,
         provider=BEDROCK_PROVIDER,
@@ -913,7 +952,7 @@ def build_bedrock(thinking: dict[str, Any] | None) -> BedrockChat:
         endpoint_url=BEDROCK_ENDPOINT_URL,
         temperature=TEMPERATURE,
         max_tokens=MAX_TOKENS,
-        reasoning_effort=REASONING_EFFORT,
+        reasoning_effort=effort,
         additional_model_request_fields=thinking,
         cache_points=PROMPT_CACHE == "auto",
         guardrail_config=GUARDRAIL_ID
@@ -941,14 +980,17 @@ ERRORS = {  # what went wrong -> (the code a client acts on, the message it show
     "not_text": ("invalid_request", "Binary frames are not supported; send JSON text."),
     "not_json": ("invalid_request", "The frame is not valid JSON."),
     "not_an_object": ("invalid_request", "The frame must be a JSON object."),
-    "unknown_type": ("invalid_request", 'Unknown frame type; send a question, "cancel", "end_session" or "resume".'),
+    "unknown_type": (
+        "invalid_request",
+        'Unknown frame type; send a question, "cancel", "end_session", "resume" or "refresh".',
+    ),
     "bad_session_id": (
         "invalid_request",
         f"session_id must be a non-empty string of at most {MAX_SESSION_ID_CHARS} characters.",
     ),
     "session_id_not_unicode": ("invalid_request", "session_id is not valid Unicode text."),
     "bad_resume": ("invalid_request", "resume_token must be a string, and turn_id a string if given."),
-    "bad_after": ("invalid_request", "after must be a whole number of tokens, 0 or more."),
+    "bad_after": ("invalid_request", "after must be a whole number of frames (tokens and reasoning), 0 or more."),
     "no_question": ("invalid_request", "question must be a non-empty string."),
     "question_not_unicode": ("invalid_request", "question is not valid Unicode text."),
     "question_too_long": ("too_large", f"question is longer than {MAX_QUESTION_CHARS} characters."),
@@ -983,6 +1025,8 @@ ERRORS = {  # what went wrong -> (the code a client acts on, the message it show
     "restarting": ("unavailable", "The server is restarting; reconnect and ask again."),
     "store_down": ("unavailable", "Sessions cannot be stored right now; try again shortly."),
     "stopped": ("unavailable", "The server stopped this answer; ask again."),
+    "bad_refresh": ("invalid_request", "token must be a string."),
+    "no_tokens": ("invalid_request", "This server takes no signed tokens: there is nothing to refresh."),
     "timeout": ("timeout", "The model took too long to respond."),
     "internal": ("internal", "Something went wrong on the server."),
 }
@@ -1060,10 +1104,10 @@ class Meter:
         the first token (None: none came); `reported`: the usage is the model's own."""
         fields = {"session_id": session.id, "turn_id": turn.id, "model": BEDROCK_MODEL_ID}
         fields |= {"ttft_ms": first and round(first * 1000), "duration_ms": round(took * 1000)}
-        fields |= {"tokens_in": usage["input_tokens"], "tokens_out": usage["output_tokens"]}
-        fields |= {"reasoning_chars": reasoning_chars(turn), "outcome": outcome}
-        line = "answer session=%r turn=%s model=%s ttft_ms=%s duration_ms=%d tokens_in=%d tokens_out=%d "
-        line += "reasoning_chars=%d outcome=%s"
+        fields |= {"tokens_in": usage["input_tokens"], "tokens_out": usage["output_tokens"], "outcome": outcome}
+        fields |= {"reasoning_chars": reasoning_chars(turn), "user": session.user and user_hash(session.user)}
+        line = "answer session=%r turn=%s model=%s ttft_ms=%s duration_ms=%d tokens_in=%d tokens_out=%d outcome=%s "
+        line += "reasoning_chars=%d user=%s"
         log.info(line, *fields.values(), extra={"answer": fields})
 
     def refused(self, code: str) -> None:
@@ -1172,10 +1216,9 @@ async def read(session: Session, turn: Turn) -> tuple[str | None, dict[str, int]
     async with aclosing(MODEL.astream(messages)) as chunks:  # the Bedrock stream is closed even when cancelled
         async for chunk in chunks:
             if text := str(chunk.text):  # subtle: a plain str, half the size of langchain-core's TextAccessor
-                pieces: list[str] = [text]
-            else:
-                pieces = reasoning(chunk.content)
-                turn.thoughts += len(pieces)
+                pieces: tuple[str, ...] | list[Thought] = (text if text.isascii() else valid(text),)
+            elif pieces := reasoning(chunk.content):
+                turn.thought = True
             for token in pieces:
                 turn.first_token_at = turn.first_token_at or time.perf_counter()
                 turn.tokens.append(token)
@@ -1192,28 +1235,33 @@ async def read(session: Session, turn: Turn) -> tuple[str | None, dict[str, int]
     return stop_reason, usage
 
 
-def reasoning(content: str | list[Any]) -> list[str]:
+def reasoning(content: str | list[Any]) -> list[Thought]:
     """The reasoning in a chunk's content, as Thoughts: langchain-aws's reasoning_content blocks (a redacted one as
-    Thought("")) and LangChain's standard reasoning blocks. Signatures are left out: the history holds no thinking."""
-    thoughts: list[str] = []
+    REDACTED) and LangChain's standard reasoning blocks. Signatures are left out: the history holds no thinking."""
+    thoughts: list[Thought] = []
     for block in content if type(content) is list else ():
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "reasoning_content" and (text := block["reasoning_content"].get("text")):
-            thoughts.append(Thought(text))
+            thoughts.append(Thought(valid(text)))
         elif kind == "reasoning_content" and "redacted_content" in block["reasoning_content"]:
-            thoughts.append(Thought(""))
+            thoughts.append(REDACTED)
         elif kind == "reasoning" and (text := block.get("reasoning")):
-            thoughts.append(Thought(text))
+            thoughts.append(Thought(valid(text)))
     return thoughts
+
+
+def valid(text: str) -> str:
+    """`text`, its lone surrogates (which no UTF-8 encoder takes: not the client's socket, not a store) as U+FFFD."""
+    return text if is_unicode(text) else text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def text_of(turn: Turn) -> str:
     """The answer's text: its tokens without its reasoning."""
-    return "".join([t for t in turn.tokens if type(t) is str] if turn.thoughts else turn.tokens)
+    return "".join([t for t in turn.tokens if type(t) is str] if turn.thought else turn.tokens)
 
 
 def reasoning_chars(turn: Turn) -> int:
-    return sum(len(t) for t in turn.tokens if type(t) is Thought) if turn.thoughts else 0
+    return sum(len(t) for t in turn.tokens if type(t) is Thought) if turn.thought else 0
 
 
 def frame_of(token: str, seq: int) -> dict[str, Any]:
@@ -1288,6 +1336,10 @@ def parse(message: dict[str, Any]) -> dict[str, Any]:
     kind = data.get("type") or "question"
     if kind == "cancel":
         return {"type": "cancel"}  # whatever else it holds
+    if kind == "refresh":
+        if not isinstance(token := data.get("token"), str):
+            raise BadRequest("bad_refresh")
+        return {"type": kind, "token": token}
     if kind not in ("question", "end_session", "resume"):
         raise BadRequest("unknown_type")
     session_id = data.get("session_id")
@@ -1344,19 +1396,51 @@ def host_allowed(host: str) -> bool:
         return any(name == p or (p.startswith("*.") and name.endswith(p[1:])) for p in ALLOWED_HOSTS)
 
 
-def refusal(conn: HTTPConnection) -> tuple[int, str, str] | None:
-    """Why a handshake is refused, if it is: its HTTP status, the reason (as a client may be told it), and the log's
-    line for it (never a key)."""
-    host, origin = conn.headers.get("host", ""), conn.headers.get("origin", "").rstrip("/").lower()
-    if not host_allowed(host):
-        return 400, "host", f"Host {host!r} not allowed (ALLOWED_HOSTS)"
-    if CHAT_API_KEY is not None:
+class Gate:
+    """Who a handshake speaks for: here, whoever has the shared CHAT_API_KEY, if it is set. The users layer puts a
+    signed token per user in its place (it checks the token, answers `refresh` frames, and closes a connection whose
+    token expired)."""
+
+    async def check(self, conn: HTTPConnection) -> tuple[int, str, str] | None:
+        """Why the handshake's credentials are refused, if they are (as `refusal` says it)."""
+        if CHAT_API_KEY is None:
+            return None
         scheme, _, credentials = conn.headers.get("authorization", "").partition(" ")
         given = credentials.strip() if scheme.lower() == "bearer" else conn.query_params.get("token", "")
         if not given:
             return 403, "no key", "no key"
         if not hmac.compare_digest(given.encode(), CHAT_API_KEY.encode()):
             return 403, "wrong key", "wrong key"
+        return None
+
+    def subprotocol(self, ws: WebSocket) -> str | None:
+        """The subprotocol the accepted handshake names, if any."""
+        return None
+
+    def user(self, ws: WebSocket) -> str | None:
+        """The user the handshake named; None: its sessions are its connection's, as anyone's with their token."""
+        return None
+
+    def watch(self, ws: WebSocket) -> asyncio.Task[None] | None:
+        """A task that runs while `ws` is open, if the credentials need one; cancelled as it closes."""
+        return None
+
+    async def refresh(self, ws: WebSocket, token: str) -> dict[str, Any]:
+        """A `refresh` frame: the new credentials, checked; the frame that answers it."""
+        raise BadRequest("no_tokens")
+
+
+GATE = Gate()
+
+
+async def refusal(conn: HTTPConnection) -> tuple[int, str, str] | None:
+    """Why a handshake is refused, if it is: its HTTP status, the reason (as a client may be told it), and the log's
+    line for it (never a key)."""
+    host, origin = conn.headers.get("host", ""), conn.headers.get("origin", "").rstrip("/").lower()
+    if not host_allowed(host):
+        return 400, "host", f"Host {host!r} not allowed (ALLOWED_HOSTS)"
+    if refused := await GATE.check(conn):
+        return refused
     # subtle: only browsers send Origin, and a browser page from another site must not get in; our own page's Origin
     # names the Host it was served from, one that ALLOWED_HOSTS let in
     if origin and "*" not in ALLOWED_ORIGINS and origin not in ALLOWED_ORIGINS:
@@ -1370,11 +1454,13 @@ def refusal(conn: HTTPConnection) -> tuple[int, str, str] | None:
 
 
 async def chat(ws: WebSocket) -> None:
-    if refused := refusal(ws):
+    if refused := await refusal(ws):
         status, reason, line = refused
         log.warning("refused a WebSocket: %s", line)
         if status == 400:
             await ws.send_denial_response(PlainTextResponse("Invalid host header", 400))
+        elif status == 401:
+            await ws.send_denial_response(PlainTextResponse(f"Refused: {reason}.", 401))
         elif status == 403:
             await ws.close(code=1008)  # before accept(): uvicorn answers the handshake with HTTP 403
         else:
@@ -1383,8 +1469,10 @@ async def chat(ws: WebSocket) -> None:
     CONNECTIONS[ws] = None
     held: set[Session] = set()  # the sessions this connection attached (another may have taken one over since)
     sending: asyncio.Task[None] | None = None  # `deliver` of the turn this connection streams
+    watching = None
     try:
-        await ws.accept()
+        await ws.accept(subprotocol=GATE.subprotocol(ws))
+        watching = GATE.watch(ws)
         while (message := await ws.receive())["type"] != "websocket.disconnect":
             try:
                 request = parse(message)
@@ -1400,6 +1488,8 @@ async def chat(ws: WebSocket) -> None:
     except (WebSocketDisconnect, WebSocketDisconnected):
         pass  # it closed while a frame was sent to it (a resume's, say)
     finally:
+        if watching:
+            watching.cancel()
         if sending:
             sending.cancel()
             await asyncio.gather(sending, return_exceptions=True)
@@ -1423,12 +1513,16 @@ async def handle(
     if kind == "cancel":
         for mine in held:  # one of them streams at most: its end frame holds what was read
             stop(mine)
+    elif kind == "refresh":
+        await send(ws, await GATE.refresh(ws, request["token"]))
     elif kind == "end_session":
         if session is not None and session.owner is ws:
             stop(session)  # its end frame still comes
             drop(session)
             await STORE.forget(session)
-        elif session is not None or await STORE.exists(session_id):  # an unknown one is ignored
+        elif session is not None and session.user != GATE.user(ws):
+            pass  # another user's: ignored, as an unknown one is
+        elif session is not None or await STORE.exists(session_id, GATE.user(ws)):  # an unknown one is ignored
             raise BadRequest("in_use", session_id)
     elif DRAINING.is_set():
         raise BadRequest("restarting", session_id)  # before busy: reconnect elsewhere
@@ -1439,12 +1533,12 @@ async def handle(
     elif (session is None or session.owner is not ws) and len(held) >= MAX_SESSIONS_PER_CONNECTION:
         raise BadRequest("too_many_sessions", session_id)
     elif kind == "resume":
-        if (session := await take(session_id, request["resume_token"])) is None:
+        if (session := await take(session_id, request["resume_token"], GATE.user(ws))) is None:
             raise BadRequest("not_found", session_id)  # one answer for both cases: no oracle
         held.add(session)
         return await resume(ws, session, request["turn_id"], request["after"])
-    elif session is not None and session.owner is not ws:
-        raise BadRequest("in_use", session_id)
+    elif session is not None and session.owner is not ws:  # (another user's: as if there were none)
+        raise BadRequest("in_use" if session.user == GATE.user(ws) else "not_found", session_id)
     elif len(STREAMS) >= MAX_CONCURRENT_STREAMS and not make_room():
         raise BadRequest("busy", session_id)
     elif session is not None and (why := room(0, ANSWER_BYTES + sys.getsizeof(request["question"]))):
@@ -1497,13 +1591,14 @@ def ask_model(session: Session, turn: Turn) -> None:
     turn.task.add_done_callback(lambda _: STREAMS.discard(turn))
 
 
-async def take(session_id: str, token: str) -> Session | None:
-    """The session a resume names, if `token` is its resume token; None for a wrong token or no such session. A
-    shared store hands back a fresh copy of the session it holds, which replaces this process's copy, if any."""
+async def take(session_id: str, token: str, user: str | None) -> Session | None:
+    """The session a resume names, if `token` is its resume token and `user` its user; None for a wrong token,
+    another user's session, or no such session. A shared store hands back a fresh copy of the session it holds,
+    which replaces this process's copy, if any."""
     here = SESSIONS.get(session_id)  # subtle: before the store's round trip, during which it may be let go
     if here is None and STORE.shared and not DETACHED and (why := room(1, 0)):  # room(), with nothing to shed
         raise BadRequest(why, session_id)  # before the claim takes the session from its holder
-    session = await STORE.claim(session_id, token, here)
+    session = await STORE.claim(session_id, token, here, user)
     if session is None or session is here:
         return session  # subtle: only a valid claim may evict a detached session below, to make room
     if here is not None:
@@ -1648,8 +1743,9 @@ class RedisStore(Store):
     """Sessions in Redis (or Valkey, or ElastiCache without cluster mode), shared by every process with the same
     REDIS_URL. Keys:
 
-      chat:session:{session_id}  hash: token (SHA-256 of the resume token), history (JSON), owner (the claim of the
-                                 connection holding it, "" while none does), turn and question (the pending turn)
+      chat:session:{session_id}  hash: token (SHA-256 of the resume token, with its user's if any), user (SHA-256 of
+                                 it, or ""), history (JSON), owner (the claim of the connection holding it, "" while
+                                 none does), turn and question (the pending turn)
       chat:turn:{turn_id}        stream: the answer's tokens in batches {s: first seq, t: JSON list}, then its
                                  final frame {f: JSON, k: how many history messages were sent with the question}
       chat:process:{process}     set: "." and the turns the process reads now; it lives LEASE unless renewed, so a
@@ -1669,10 +1765,11 @@ class RedisStore(Store):
     FLUSH_EVERY = 0.02  # seconds tokens gather before they are written
     LEASE = 3.0  # seconds a process counts as alive after its last heartbeat (one a second)
     BEGIN = """
-        local owner = redis.call('HGET', KEYS[1], 'owner')
-        if owner and owner ~= ARGV[1] then return 0 end
+        local session = redis.call('HMGET', KEYS[1], 'owner', 'user')
+        if session[1] and session[2] and session[2] ~= ARGV[9] then return -1 end  -- another user's
+        if session[1] and session[1] ~= ARGV[1] then return 0 end
         redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'token', ARGV[2], 'history', ARGV[3], 'turn', ARGV[4],
-                   'question', ARGV[5], 'producer', ARGV[8])
+                   'question', ARGV[5], 'producer', ARGV[8], 'user', ARGV[9])
         redis.call('PEXPIRE', KEYS[1], ARGV[6])
         redis.call('SADD', KEYS[2], '.', ARGV[4])
         redis.call('PEXPIRE', KEYS[2], ARGV[7])
@@ -1828,12 +1925,17 @@ class RedisStore(Store):
 
     async def begin(self, session: Session, turn: Turn) -> bool:
         keys = [self.session_key(session.id), self.process]
-        args = [self.claim_of(session), digest(session.resume_token), dumps(session.history), turn.id, turn.question]
+        args = [self.claim_of(session), digest(session.resume_token, session.user), dumps(session.history), turn.id]
+        args.append(turn.question)
         self.reading[turn.id] = turn  # a cancel from elsewhere finds it, even one sent as this call returns
+        user = "" if session.user is None else digest(session.user).hex()
         with self.reaching():
-            if not await self.scripts["BEGIN"](keys, [*args, self.held_ttl, milliseconds(self.LEASE), PROCESS]):
-                self.unclaim(session)
-                return False
+            began = await self.scripts["BEGIN"](keys, [*args, self.held_ttl, milliseconds(self.LEASE), PROCESS, user])
+        if began != 1:
+            self.unclaim(session)
+            if began == -1:  # as if there were none
+                raise BadRequest("not_found", session.id)
+            return False
         self.attached[session.id] = session
         self.live[turn] = session.id
         self.record(turn)  # the tokens read meanwhile
@@ -1860,9 +1962,9 @@ class RedisStore(Store):
         except RedisError as exc:  # the next question writes the session whole again
             log.warning("could not record turn=%s in Redis: %s", turn.id, exc)
 
-    async def claim(self, session_id: str, token: str, here: Session | None) -> Session | None:
-        session = Session(session_id, None, token)
-        args = [self.claim_of(session), digest(token), self.held_ttl, session_id]
+    async def claim(self, session_id: str, token: str, here: Session | None, user: str | None) -> Session | None:
+        session = Session(session_id, None, token, user=user)  # (the digest holds the user: another's fails)
+        args = [self.claim_of(session), digest(token, user), self.held_ttl, session_id]
         with self.reaching():
             if not (saved := await self.scripts["CLAIM"]([self.session_key(session_id)], args)):
                 return None
@@ -1898,9 +2000,10 @@ class RedisStore(Store):
         with self.reaching():
             await self.scripts["FORGET"]([self.session_key(session.id)], [self.claim_of(session)])
 
-    async def exists(self, session_id: str) -> bool:
+    async def exists(self, session_id: str, user: str | None) -> bool:
         with self.reaching():
-            return bool(await self.redis.exists(self.session_key(session_id)))
+            found = await self.redis.hmget(self.session_key(session_id), "owner", "user")
+        return found[0] is not None and (found[1] or b"").decode() == ("" if user is None else digest(user).hex())
 
     async def read_elsewhere(self, session: Session) -> bool:
         try:
@@ -1929,6 +2032,9 @@ class RedisStore(Store):
                     if beat:  # subtle: Redis out of memory refuses the script, not this renewal: readers elsewhere
                         await self.redis.pexpire(self.process, milliseconds(self.LEASE))  # wait for the answer
                     raise  # instead of taking its process for dead
+                except Exception:  # a bug: it must not stop every later write of this process
+                    log.exception("could not write to Redis")
+                    continue
                 if now >= self.touch_at:
                     self.touch_at = now + 30
                     await self.touch()
@@ -1947,10 +2053,10 @@ class RedisStore(Store):
         keys, args = [], [self.held_ttl]
         for turn, (count, final) in written.items():
             shared = self.shared.get(turn, 0)
-            batch = turn.tokens[shared:count]
-            if turn.thoughts:  # a Thought as {"r": its text}
-                batch = [{"r": t} if type(t) is Thought else t for t in batch]
-            batch = json.dumps(batch, ensure_ascii=False) if shared < count else ""
+            tokens = turn.tokens[shared:count]
+            if turn.thought:  # a Thought as {"r": its text}
+                tokens = [{"r": t} if type(t) is Thought else t for t in tokens]
+            batch = json.dumps(tokens, ensure_ascii=False) if shared < count else ""
             end = "" if final is None else json.dumps(final, ensure_ascii=False)
             keys += [self.turn_key(turn.id), self.session_key(self.live[turn])]
             args += [shared + 1, batch, end, len(turn.context), turn.id]
@@ -1987,8 +2093,7 @@ class RedisStore(Store):
                 first, tokens = int(data[b"s"]), json.loads(data[b"t"])
                 for token in tokens[len(turn.tokens) + 1 - first :]:  # a batch written twice counts once
                     if type(token) is dict:
-                        token = Thought(token["r"])
-                        turn.thoughts += 1
+                        token, turn.thought = Thought(token["r"]), True
                     turn.tokens.append(token)
                     grow(turn, token)
             else:
@@ -2064,6 +2169,162 @@ if REDIS_URL:
     if __name__ == "__main__":  # python chat_stream.py (its workers, if any, share the supervisor's check)
         reach_redis(REDIS_URL)
     STORE = RedisStore(REDIS_URL)
+
+
+# --- signed tokens: the app's own JWTs name the user who asks, in place of one shared key; a connection lives no
+# longer than its token
+
+import jwt  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey  # noqa: E402
+from cryptography.hazmat.primitives.serialization import load_pem_public_key  # noqa: E402
+
+JWT_SECRET = setting("JWT_SECRET", str, None, secret=True)  # HS256 tokens, signed with this secret
+JWT_PUBLIC_KEY = setting("JWT_PUBLIC_KEY", str, None)  # or RS256 / ES256 tokens, checked with this PEM public key
+# (its lines joined by "\n", as one environment variable holds them)
+JWT_JWKS_URL = setting("JWT_JWKS_URL", str, None)  # or RS256 / ES256 tokens, checked with the keys this JWKS lists
+JWT_AUDIENCE = setting("JWT_AUDIENCE", str, None)  # the `aud` every token must name, if set
+JWT_ISSUER = setting("JWT_ISSUER", str, None)  # the `iss` every token must name, if set
+if sum(v is not None for v in (JWT_SECRET, JWT_PUBLIC_KEY, JWT_JWKS_URL)) > 1:
+    raise BadSetting("set one of JWT_SECRET, JWT_PUBLIC_KEY and JWT_JWKS_URL")
+if CHAT_API_KEY is not None and (JWT_SECRET or JWT_PUBLIC_KEY or JWT_JWKS_URL):
+    raise BadSetting("set CHAT_API_KEY or a JWT setting, not both: tokens take the key's place")
+LEEWAY = 5  # seconds of clock skew allowed on exp, nbf and iat (a connection ends as late as its token is taken)
+TOKEN_GRACE = 20.0  # seconds an answer in flight may go on after its connection's token expired
+TOKEN_EXPIRED = 4401  # the close code when it did: get a new token and reconnect (then resume)
+JWKS_LIFESPAN, JWKS_RETRY, JWKS_MAX_BYTES = 300.0, 5.0, 65536  # a JWKS is kept 5 minutes; a kid it does not list
+# fetches it again at most every 5 s (whatever a flood of made-up kids asks); a larger one is refused
+
+
+class Keys:
+    """The keys that check tokens: a secret (HS256), a public key (RS256 or ES256, by its type), or a JWKS fetched
+    and kept for JWKS_LIFESPAN, fetched again for a kid it does not list (at most every JWKS_RETRY seconds, however
+    many tokens name one)."""
+
+    def __init__(self) -> None:
+        self.jwks: dict[str, jwt.PyJWK] = {}
+        self.fetched = -JWKS_RETRY  # (monotonic) when the JWKS was last fetched
+        self.fetching = asyncio.Lock()
+        if JWT_PUBLIC_KEY:
+            try:
+                self.public = load_pem_public_key(JWT_PUBLIC_KEY.replace("\\n", "\n").encode())
+            except ValueError:
+                raise BadSetting("bad setting JWT_PUBLIC_KEY: expected a PEM public key (RSA or EC)") from None
+            if not isinstance(self.public, RSAPublicKey | EllipticCurvePublicKey):
+                raise BadSetting("bad setting JWT_PUBLIC_KEY: expected an RSA or EC public key")
+            self.algorithm = "ES256" if isinstance(self.public, EllipticCurvePublicKey) else "RS256"
+
+    async def find(self, token: str) -> tuple[Any, list[str]]:
+        """The key for `token`, and the one algorithm it may be signed with (never "none", never HS with a public
+        key)."""
+        if JWT_SECRET:
+            return JWT_SECRET, ["HS256"]
+        if JWT_PUBLIC_KEY:
+            return self.public, [self.algorithm]
+        kid = jwt.get_unverified_header(token).get("kid")
+        if kid not in self.jwks or time.monotonic() - self.fetched > JWKS_LIFESPAN:
+            async with self.fetching:
+                if (kid not in self.jwks and time.monotonic() - self.fetched > JWKS_RETRY) or (
+                    time.monotonic() - self.fetched > JWKS_LIFESPAN
+                ):
+                    await self.fetch()
+        if (found := self.jwks.get(kid)) is None:
+            raise jwt.InvalidKeyError(f"no key {kid!r} in the JWKS")
+        return found.key, [found.algorithm_name]
+
+    async def fetch(self) -> None:
+        self.fetched = time.monotonic()
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+                async with http.get(JWT_JWKS_URL) as response:
+                    response.raise_for_status()
+                    body = await response.content.read(JWKS_MAX_BYTES + 1)
+            if len(body) > JWKS_MAX_BYTES:
+                raise ValueError(f"over {JWKS_MAX_BYTES} bytes")
+            keys = jwt.PyJWKSet.from_dict(json.loads(body)).keys
+        except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWTError) as exc:
+            log.warning("cannot read the JWKS at JWT_JWKS_URL: %s", exc)  # the keys known stay in use
+            return
+        self.jwks = {k.key_id: k for k in keys if k.key_id and k.algorithm_name in ("RS256", "ES256")}
+
+
+def token_of(conn: HTTPConnection) -> tuple[str, str | None]:
+    """The handshake's token, and the subprotocol to answer: `Authorization: Bearer`, `?token=`, or (what a browser
+    can send) `Sec-WebSocket-Protocol: bearer, <token>`, answered `bearer`."""
+    scheme, _, credentials = conn.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip(), None
+    offered = [p.strip() for p in conn.headers.get("sec-websocket-protocol", "").split(",")]
+    if len(offered) == 2 and offered[0] == "bearer":
+        return offered[1], "bearer"
+    return conn.query_params.get("token", ""), None
+
+
+class TokenGate(Gate):
+    """Each handshake carries a JWT, checked with PyJWT: its signature, `exp` (required), `nbf` and `iat`, and `aud`
+    and `iss` when JWT_AUDIENCE and JWT_ISSUER are set. Its `sub` is the user. A connection lives no longer than its
+    token: a `refresh` frame with a new token for the same user moves its end; at the end an answer in flight has
+    TOKEN_GRACE seconds to finish, then the connection is closed with TOKEN_EXPIRED."""
+
+    def __init__(self) -> None:
+        self.keys = Keys()
+
+    async def claims(self, token: str) -> dict[str, Any]:
+        key, algorithms = await self.keys.find(token)
+        return jwt.decode(
+            token,
+            key,
+            algorithms=algorithms,
+            audience=JWT_AUDIENCE,
+            issuer=JWT_ISSUER,
+            leeway=LEEWAY,
+            options={"require": ["exp", "sub"], "verify_aud": JWT_AUDIENCE is not None},
+        )
+
+    async def check(self, conn: HTTPConnection) -> tuple[int, str, str] | None:
+        token, conn.state.subprotocol = token_of(conn)
+        if not token:
+            return 401, "no token", "no token"
+        try:
+            claims = await self.claims(token)
+        except jwt.PyJWTError as exc:  # its message names the claim, never the token
+            return 401, "invalid token", f"invalid token: {exc}"
+        conn.state.user, conn.state.expires = str(claims["sub"]), float(claims["exp"])
+        return None
+
+    def subprotocol(self, ws: WebSocket) -> str | None:
+        return ws.state.subprotocol
+
+    def user(self, ws: WebSocket) -> str | None:
+        return ws.state.user
+
+    def watch(self, ws: WebSocket) -> asyncio.Task[None]:
+        return asyncio.create_task(self.expire(ws))
+
+    async def expire(self, ws: WebSocket) -> None:
+        while (left := ws.state.expires + LEEWAY - time.time()) > 0:  # a refresh moves the end meanwhile
+            await asyncio.sleep(left)
+        if (sending := CONNECTIONS.get(ws)) is not None and not sending.done():
+            await asyncio.wait([sending], timeout=TOKEN_GRACE)  # the answer in flight ends first
+        log.info("closing a WebSocket whose token expired")
+        await ws.close(TOKEN_EXPIRED, "token expired")
+
+    async def refresh(self, ws: WebSocket, token: str) -> dict[str, Any]:
+        try:
+            claims = await self.claims(token)
+        except jwt.PyJWTError as exc:
+            log.info("refused a refresh: invalid token: %s", exc)
+            raise BadRequest("bad_token") from None
+        if str(claims["sub"]) != ws.state.user:
+            raise BadRequest("other_user")
+        ws.state.expires = float(claims["exp"])
+        return {"type": "refreshed", "expires_at": int(claims["exp"])}
+
+
+ERRORS["bad_token"] = ("invalid_request", "The token is not valid (signature, expiry, audience or issuer).")
+ERRORS["other_user"] = ("invalid_request", "A refreshed token must name the same user.")
+if JWT_SECRET or JWT_PUBLIC_KEY or JWT_JWKS_URL:
+    GATE = TokenGate()
 
 
 # --- metrics and JSON logs: GET /metrics for Prometheus, named as OpenTelemetry's GenAI conventions name them; and
@@ -2351,11 +2612,12 @@ const log = $("log");
 const token = new URLSearchParams(location.search).get("token");
 const url = new URL("ws/chat/completions", location.href);  // beside the page, wherever the app is mounted
 url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-url.search = token ? `?token=${encodeURIComponent(token)}` : "";
+const signed = /^[\w-]+\.[\w-]+\.[\w-]+$/.test(token || "");  // a JWT goes as a subprotocol, out of URLs and logs
+url.search = token && !signed ? `?token=${encodeURIComponent(token)}` : "";
 const saved = sessionStorage;  // this tab's conversation: it survives a refresh, and no other tab sees it
 let ws, answer = null, turnId = null, seq = 0, streaming = false, retries = 0, following = true, drawing = 0;
 let asked = null;  // the question of the turn in progress
-let thinking = null;  // the block of its reasoning, if the model thinks aloud
+let thinking = null;  // its reasoning, if the model thinks aloud: {block, chars, answered}
 
 // Markdown, as models write it, built as DOM nodes: text only ever goes in as text (no HTML string is parsed),
 // links only to http(s) and mailto, and images become links (a markdown image is a way to leak a conversation).
@@ -2505,18 +2767,19 @@ function note(kind, text, keep = true, question = null) {  // kept with the numb
 
 function thought(frame) {  // the model's reasoning, as text, in a muted block above its answer
   if (!thinking) {
-    thinking = node("details", [node("summary"), node("div")], { className: "msg thinking", open: true, chars: 0 });
-    log.insertBefore(thinking, answer);
+    const block = node("details", [node("summary"), node("div")], { className: "msg thinking", open: true });
+    thinking = { block, chars: 0, answered: false };
+    log.insertBefore(block, answer);
   }
-  thinking.lastChild.append(frame.redacted ? "[redacted]" : frame.text);
-  thinking.chars += frame.redacted ? 0 : frame.text.length;
+  thinking.block.lastChild.append(frame.redacted ? "[redacted]" : frame.text);
+  thinking.chars += frame.redacted ? 0 : [...frame.text].length;  // in characters, as reasoning_chars counts them
   summarize();
   follow();
 }
 function summarize(done = false) {  // collapsed once the answer starts (or the turn ends), with its length
   const answering = done || !!(answer && answer.source);
-  if (answering && !thinking.answered) [thinking.answered, thinking.open] = [true, false];
-  thinking.firstChild.textContent = `${answering ? "Thought" : "Thinking…"} (${thinking.chars} characters)`;
+  if (answering && !thinking.answered) [thinking.answered, thinking.block.open] = [true, false];
+  thinking.block.firstChild.textContent = `${answering ? "Thought" : "Thinking…"} (${thinking.chars} characters)`;
 }
 
 function resumed(frame) {  // redraw the conversation as the server holds it; carry on its pending turn
@@ -2540,7 +2803,7 @@ function resumed(frame) {  // redraw the conversation as the server holds it; ca
   asked = frame.pending && frame.pending.question;
   if (frame.pending) {
     show("user", frame.pending.question);
-    if (keptThinking) log.append(keptThinking);
+    if (keptThinking) log.append(keptThinking.block);
     answer = keep ? log.appendChild(keep) : show("bot", "");
     if (!keep) [turnId, seq, thinking] = [frame.pending.turn_id, 0, null];  // all of it again, thinking included
   }
@@ -2553,17 +2816,20 @@ const REFUSED = {  // a handshake refused for a reason that retrying cannot fix 
   "no key": "refused: this server needs a key; open this page as /?token=<key>",
   "wrong key": "refused: the key in ?token= is not this server's",
   origin: "refused: this page's origin is not allowed (ALLOWED_ORIGINS)",
+  "no token": "refused: this server needs a signed token; open this page as /?token=<jwt>",
+  "invalid token": "refused: the token in ?token= is not valid (expired, or not this server's)",
 };
 async function refused() {  // the handshake failed: ask the server why (a refusal), or find it down (null)
   try {
-    const response = await fetch(url.href.replace(/^ws/, "http"), { cache: "no-store" });
+    const headers = signed ? { Authorization: `Bearer ${token}` } : {};
+    const response = await fetch(url.href.replace(/^ws/, "http"), { cache: "no-store", headers });
     return response.ok ? "" : (await response.json()).reason || "";
   } catch { return null; }
 }
 function connect() {
   setState("connecting…");
   let opened = false;
-  ws = new WebSocket(url);
+  ws = signed ? new WebSocket(url, ["bearer", token]) : new WebSocket(url);
   ws.onopen = () => {
     opened = true; retries = 0; setState("connected", "connected");
     const [session_id, resume_token] = [saved.getItem("session_id"), saved.getItem("resume_token")];
@@ -2571,7 +2837,9 @@ function connect() {
       ws.send(JSON.stringify({ type: "resume", session_id, resume_token, turn_id: turnId, after: seq }));
     else if (streaming) { setStreaming(false); note("note", "The connection dropped before the answer began."); }
   };
-  ws.onclose = async () => {
+  ws.onclose = async (event) => {
+    if (event.code === 4401)  // the token expired: only the app that signs them can give a new one
+      return setState("signed out: the token expired; open this page with a new ?token=", "refused");
     const why = opened ? "" : await refused();
     if (why && REFUSED[why]) return setState(REFUSED[why], "refused");  // no retry: a person must act
     const wait = Math.min(500 * 2 ** retries++, 8000);
@@ -2660,7 +2928,7 @@ async def handshake_check(request: Request) -> JSONResponse:
     """GET on the chat route's path: would this page's handshake be accepted, and if not, why ("no key", "wrong key",
     "origin", or the 503's reason)? The page asks when its WebSocket fails to open, to tell a refusal a person must
     fix from a server that is down; it learns no more than the handshake's own status says."""
-    if refused := refusal(request):
+    if refused := await refusal(request):
         return JSONResponse({"accepted": False, "reason": refused[1]}, status_code=refused[0])
     return JSONResponse({"accepted": True})
 

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import hashlib
+import hmac
+import http.server
 import json
 import os
 import random
@@ -27,6 +30,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,9 +41,12 @@ from unittest.mock import ANY
 from urllib.parse import quote
 
 import httpx
+import jwt
 import pytest
 import redis
 import websockets
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import ClientConnection, connect
 
@@ -1141,7 +1148,7 @@ def test_one_log_line_per_answer(ws: ClientConnection, server: Server) -> None:
     (line,) = [line for line in server.log().splitlines() if "session='logged'" in line]
     assert re.search(
         r"INFO: +answer session='logged' turn=[\w-]{16} model=amazon.nova-micro-v1:0 ttft_ms=\d+ duration_ms=\d+ "
-        r"tokens_in=10 tokens_out=4 reasoning_chars=0 outcome=end$",
+        r"tokens_in=10 tokens_out=4 outcome=end reasoning_chars=0 user=None$",
         line,
     ), line
     assert "confidential" not in server.log()
@@ -1158,7 +1165,7 @@ def test_log_outcomes(server: Server, bedrock: FakeBedrock) -> None:
         start_slow_answer(ws, bedrock, "left behind", "log-left")
     lines = lambda: [line for line in server.log().splitlines() if "answer session='log-" in line]  # noqa: E731
     wait_for(lambda: len(lines()) == 3, 5, "three answer lines")
-    line = re.compile(r"session='(\S+)'.* tokens_out=(\d+) reasoning_chars=0 outcome=(\w+)$")
+    line = re.compile(r"session='(\S+)'.* tokens_out=(\d+) outcome=(\w+) reasoning_chars=0 user=None$")
     left = line.search(lines()[2]).group(2)
     assert [line.search(found).groups() for found in lines()] == [
         ("log-cancel", str(sent), "cancelled"),
@@ -1360,7 +1367,7 @@ def test_reasoning_frames(bedrock: FakeBedrock, tmp_path: Path) -> None:
         assert frames == [start("thinks"), *frames_of(THINKING), thought_end(frames[0], THINKING)]
         assert frames[-1]["reasoning_chars"] == 35 and frames[-1]["usage"]["output_tokens"] == 7
         ask(ws, "and then", "thinks")
-        wait_for(lambda: "reasoning_chars=35 outcome=end" in server.log(), 5, "the answer's log line")
+        wait_for(lambda: "outcome=end reasoning_chars=35" in server.log(), 5, "the answer's log line")
         assert by(scrape(server)["chat_stream_reasoning_chars_total"], "gen_ai_request_model") == {CLAUDE: 35}
     (call,) = bedrock.calls_for("think about hello")
     assert call.body["additionalModelRequestFields"] == {"thinking": {"type": "enabled", "budget_tokens": 1024}}
@@ -1422,14 +1429,16 @@ def test_reasoning_request_fields(bedrock: FakeBedrock, tmp_path: Path, model: s
         ({"REASONING_BUDGET": "2048", "REASONING_EFFORT": "low"}, "set REASONING_EFFORT or REASONING_BUDGET, not both"),
         (
             {"BEDROCK_MODEL_ID": "global.amazon.nova-2-lite-v1:0", "REASONING_EFFORT": "xhigh"},
-            "REASONING_EFFORT='xhigh': reasoning_effort='xhigh' is not supported for model amazon.nova-2-lite-v1:0. "
-            "Valid values: ['low', 'medium', 'high']",
+            "REASONING_EFFORT='xhigh': global.amazon.nova-2-lite-v1:0 takes one of low, medium, high",
         ),
         (
             {"BEDROCK_MODEL_ID": "global.anthropic.claude-sonnet-5", "REASONING_EFFORT": "extreme"},
-            "REASONING_EFFORT='extreme': Input should be 'none', 'low', 'medium', 'high', 'xhigh' or 'max'",
+            "REASONING_EFFORT='extreme': global.anthropic.claude-sonnet-5 takes one of low, medium, high, xhigh, max",
         ),
-        ({"REASONING_EFFORT": "low"}, f"REASONING_EFFORT: {NOVA} has no effort levels (in langchain-aws's profile)"),
+        (
+            {"REASONING_EFFORT": "low"},
+            f"REASONING_EFFORT='low': {NOVA} takes none (langchain-aws's profile lists no levels)",
+        ),
         (
             {"BEDROCK_MODEL_ID": "us.anthropic.claude-haiku-5-5", "REASONING_BUDGET": "2048"},
             "REASONING_BUDGET: us.anthropic.claude-haiku-5-5 takes no thinking budget; it takes REASONING_EFFORT",
@@ -1471,18 +1480,39 @@ def test_context_budget_from_the_profile(tmp_path: Path) -> None:
     assert len(fake.calls) == 4 and max(estimated_tokens(c.body) for c in fake.calls) <= 32768 - 4096
 
 
-# Nova v1 writes its reasoning inline, as <thinking>...</thinking> text: it becomes reasoning frames, never answer
-# text, even with both tags split across deltas; the whitespace after a tag goes; a "<" that starts no tag stays
-# text, also when it ends the answer's last delta.
-def test_nova_inline_thinking(ws: ClientConnection, bedrock: FakeBedrock) -> None:
-    deltas = ["<thin", "king>\nI should", " greet.</thi", "nking>\n\nHello", " <b>there", "</b> 1 <"]
-    bedrock.replies["inline thinking"] = Reply(tokens=deltas)
-    frames = ask(ws, "inline thinking", "inline")
-    thoughts = [think("I should"), think(" greet."), "Hello", " <b>there", "</b> 1 ", "<"]
-    assert frames == [start("inline"), *frames_of(thoughts), thought_end(frames[0], thoughts)]
-    ask(ws, "after inline", "inline")
-    answer = "Hello <b>there</b> 1 <"
-    assert bedrock.calls_for("after inline")[0].body["messages"] == text("inline thinking", answer, "after inline")
+# Nova v1 writes its reasoning inline, as <thinking>...</thinking> before its answer: it becomes reasoning frames,
+# never answer text, even with both tags split across deltas; the newlines after a tag go; once the answer has
+# begun, its deltas are its tokens, one for one, a "<" or a tag it mentions included; an opening tag never closed
+# was text after all, and comes again as text when the block ends. Bedrock's output_tokens count every delta.
+INLINE = {
+    "split tags": (
+        ["<thin", "king>\nI should", " greet.</thi", "nking>\n\nHello", " <b>there", "</b> 1 <"],
+        [think("I should"), think(" greet."), "Hello", " <b>there", "</b> 1 <"],
+    ),
+    "a tag the answer mentions": (["Code: `<thinking>`", " is a tag"], ["Code: `<thinking>`", " is a tag"]),
+    "blank before the tag": (["  ", "<thinking>x</thinking>", "\n", "\n    code"], [think("x"), "    code"]),
+    "leading spaces kept": (["  ", "Hello"], ["  Hello"]),
+    "never closed": (["<thinking>no end", " at all"], [think("no end"), think(" at all"), "<thinking>no end at all"]),
+    "mentioned first, never closed": (
+        ["To mark reasoning, Nova writes ", "<thinking>", " first."],
+        ["To mark reasoning, Nova writes ", "<thinking>", " first."],
+    ),
+    "one character a delta": (list("<thinking>z</thinking>y"), [think("z"), "y"]),
+    "a closing tag alone": (["</thinking>x"], ["</thinking>x"]),
+}
+
+
+@pytest.mark.parametrize("deltas,frames", INLINE.values(), ids=INLINE.keys())
+def test_nova_inline_thinking(ws: ClientConnection, bedrock: FakeBedrock, deltas: list[str], frames: list) -> None:
+    question = f"inline thinking {deltas}"
+    bedrock.replies[question] = Reply(tokens=deltas)
+    got = ask(ws, question, "inline")
+    end = {**thought_end(got[0], frames), "usage": usage(10, len(deltas))}
+    assert got == [start("inline"), *frames_of(frames), end]
+    ask(ws, f"after {question}", "inline")
+    answer = "".join(f for f in frames if isinstance(f, str))
+    history = text(question, answer) if answer.strip() else []
+    assert bedrock.calls_for(f"after {question}")[0].body["messages"][-3:-1] == history
 
 
 # A reasoning-only answer (thinking, then no text) ends normally with an empty full_text and is not recorded: the
@@ -1551,11 +1581,12 @@ def test_resume_with_reasoning(resumable: Server, bedrock: FakeBedrock, seen: in
         assert resume(ws, start) == resumed(start, None, [question, answer])
 
 
-# The same across processes, through Redis: the answer read on A, resumed mid-thinking on B.
+# The same across processes, through Redis: the answer read on A (reasoning, a redacted block, text, reasoning
+# again), resumed mid-thinking on B; its history, seen from A again, holds the answer's text alone.
 def test_resume_with_reasoning_on_another_process(pair: list[Server], bedrock: FakeBedrock) -> None:
     a, b = pair
-    question, deltas = "think across", [think(f" t{i}") for i in range(40)] + [f" a{i}" for i in range(20)]
-    bedrock.replies[question] = Reply(tokens=deltas, delay=0.02)
+    deltas = [think(f" t{i}") for i in range(20)] + [REDACTED] + [f" a{i}" for i in range(20)] + THINKING
+    bedrock.replies[question := "think across"] = Reply(tokens=deltas, delay=0.02)
     with connect(a.ws_url) as ws:
         ws.send(json.dumps({"question": question}))
         got = [json.loads(ws.recv(timeout=5)) for _ in range(1 + 7)]
@@ -1564,6 +1595,9 @@ def test_resume_with_reasoning_on_another_process(pair: list[Server], bedrock: F
         assert resume(ws, start, turn_id=start["turn_id"], after=7) == resumed(start, question)
         assert read_answer(ws) == [*frames_of(deltas[7:], 8), thought_end(start, deltas)]
     assert len(bedrock.calls_for(question)) == 1
+    answer = "".join(d for d in deltas if isinstance(d, str))
+    with connect(a.ws_url) as ws:
+        assert resume(ws, start) == resumed(start, None, [question, answer])
 
 
 # A client that knows only token frames works unchanged when the model thinks: the README's Python client, run
@@ -1578,6 +1612,42 @@ def test_a_client_that_knows_only_tokens(tmp_path: Path) -> None:
     assert printed == offline("What is Bedrock?"), result.stderr
     thought = "The question has 3 words; I echo them. "  # the offline model's thinking
     assert f"'reasoning_chars': {len(thought)}" in end and "I echo them" not in result.stdout
+
+
+# Reasoning counts toward what a session holds (MAX_SESSION_MEMORY_MB's count) as tokens do: an answer of 100
+# reasoning deltas of 10 kB, left waiting for a resume, holds over a megabyte; delivered, the count is back to 0.
+def test_reasoning_counts_toward_memory(resumable_memory: Server, bedrock: FakeBedrock) -> None:
+    bedrock.replies["heavy thoughts"] = Reply(tokens=[think("z" * 10_000)] * 100 + ["Light."])
+    before = resumable_memory.health()["session_bytes"]  # (sessions other tests left waiting)
+    with connect(resumable_memory.ws_url) as ws:
+        ws.send(json.dumps({"question": "heavy thoughts"}))
+        start = json.loads(ws.recv(timeout=5))
+    wait_for(lambda: [c for c in bedrock.calls_for("heavy thoughts") if c.finished], 5, "the answer to be read")
+    held = lambda: resumable_memory.health()["session_bytes"] - before  # noqa: E731
+    wait_for(lambda: held() > 10**6, 5, "the thoughts to be counted")
+    with connect(resumable_memory.ws_url) as ws:
+        resume(ws, start, turn_id=start["turn_id"], after=0)
+        assert read_answer(ws)[-1]["reasoning_chars"] == 10**6
+        ws.send(json.dumps({"type": "end_session", "session_id": start["session_id"]}))
+        wait_for(lambda: held() <= 0, 5, "the count back to what it was")
+
+
+# Lone surrogates from the model (no UTF-8 encoder takes one), in text or in reasoning, arrive as U+FFFD: the answer
+# ends, its history is valid, and with Redis the process's writer goes on (a resume elsewhere of its next answer is
+# whole).
+def test_lone_surrogates_from_the_model(pair: list[Server], bedrock: FakeBedrock) -> None:
+    a, b = pair
+    bedrock.replies["odd upstream"] = Reply(tokens=[think("x\ud800y"), "a\udfffb"])
+    with connect(a.ws_url) as ws:
+        frames = ask(ws, "odd upstream", "odd")
+    assert frames[1:] == [
+        *frames_of([think("x\ufffdy"), "a\ufffdb"]),
+        thought_end(frames[0], [think("x\ufffdy"), "a\ufffdb"]),
+    ]
+    seen = begin_in(a, bedrock, frames[0], "after the odd one", 40, 5, delay=0.02)
+    with connect(b.ws_url) as ws:
+        resume(ws, seen[0], turn_id=seen[0]["turn_id"], after=5)
+        assert read_answer(ws)[-1]["full_text"] == "".join(f" afte{i}" for i in range(40))
 
 
 # Bedrock's stop reasons reach end.stop_reason as sent, each of them.
@@ -1598,7 +1668,10 @@ BAD_FRAMES = {
     "not json": ("{question", "The frame is not valid JSON."),
     "deeply nested": ("[" * 10_000, "The frame is not valid JSON."),
     "not an object": ('["hi"]', "The frame must be a JSON object."),
-    "unknown type": ('{"type": "hello"}', 'Unknown frame type; send a question, "cancel", "end_session" or "resume".'),
+    "unknown type": (
+        '{"type": "hello"}',
+        'Unknown frame type; send a question, "cancel", "end_session", "resume" or "refresh".',
+    ),
     "end_session with no session": (
         '{"type": "end_session"}',
         "session_id must be a non-empty string of at most 128 characters.",
@@ -1644,12 +1717,12 @@ BAD_QUESTIONS = {
     "resume after negative": (
         {"type": "resume", "session_id": "q", "resume_token": "k", "after": -1},
         "invalid_request",
-        "after must be a whole number of tokens, 0 or more.",
+        "after must be a whole number of frames (tokens and reasoning), 0 or more.",
     ),
     "resume after not int": (
         {"type": "resume", "session_id": "q", "resume_token": "k", "after": True},
         "invalid_request",
-        "after must be a whole number of tokens, 0 or more.",
+        "after must be a whole number of frames (tokens and reasoning), 0 or more.",
     ),
 }
 
@@ -3054,6 +3127,260 @@ def test_turn_keys_go_with_delivery(own_store: RedisServer, bedrock: FakeBedrock
         }
 
 
+# --- signed tokens: a JWT per user at the handshake (HS256, a public key, a JWKS that rotates), its expiry, refresh
+
+SECRET = "a-secret-of-the-app-that-signs-tokens"
+SIGNED = {"JWT_SECRET": SECRET, "JWT_AUDIENCE": "chat", "JWT_ISSUER": "https://app.example"}
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+def pem(key: Any) -> str:
+    """A public key as JWT_PUBLIC_KEY takes it: PEM, its lines joined by a literal \\n."""
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return public.decode().strip().replace("\n", "\\n")
+
+
+def signed(key: Any = SECRET, algorithm: str = "HS256", headers: dict | None = None, **claims: Any) -> str:
+    """A token for the user alice, valid for 5 minutes, for the audience and issuer of SIGNED; a claim given as None
+    is left out."""
+    now = int(time.time())
+    payload = {"sub": "alice", "aud": "chat", "iss": "https://app.example", "iat": now, "exp": now + 300} | claims
+    return jwt.encode({k: v for k, v in payload.items() if v is not None}, key, algorithm=algorithm, headers=headers)
+
+
+def unsigned(**claims: Any) -> str:
+    """alg "none": a token with no signature at all."""
+    head = {"alg": "none", "typ": "JWT"}
+    body = {"sub": "alice", "aud": "chat", "iss": "https://app.example", "exp": int(time.time()) + 300} | claims
+    part = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()  # noqa: E731
+    return f"{part(head)}.{part(body)}."
+
+
+@pytest.fixture(scope="module")
+def signed_server(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_server(tmp_path_factory.mktemp("signed"), BEDROCK_ENDPOINT_URL=bedrock.url, **SIGNED) as s:
+        yield s
+
+
+TOKENS = {  # how the handshake carries the token, the token, and the status it gets
+    "header": ("header", lambda: signed(), 101),
+    "query": ("query", lambda: signed(), 101),
+    "subprotocol": ("subprotocol", lambda: signed(), 101),
+    "expired": ("header", lambda: signed(exp=int(time.time()) - 60), 401),
+    "within the leeway": ("header", lambda: signed(exp=int(time.time()) - 2), 101),
+    "not yet valid": ("header", lambda: signed(nbf=int(time.time()) + 60), 401),
+    "issued in the future": ("header", lambda: signed(iat=int(time.time()) + 60), 401),
+    "no exp": ("header", lambda: signed(exp=None), 401),
+    "no sub": ("header", lambda: signed(sub=None), 401),
+    "wrong audience": ("header", lambda: signed(aud="other"), 401),
+    "wrong issuer": ("header", lambda: signed(iss="https://evil.example"), 401),
+    "wrong secret": ("header", lambda: signed("another-secret-of-32-bytes-or-more"), 401),
+    "alg none": ("header", lambda: unsigned(), 401),
+    "not a token": ("header", lambda: "not.a.token", 401),
+    "none": ("header", lambda: "", 401),
+}
+
+
+def token_handshake(server: Server, how: str, token: str) -> tuple[socket.socket, int, bytes]:
+    """A handshake carrying `token` as `how` says; the socket, the HTTP status and the response's head."""
+    headers, path = "", "/ws/chat/completions"
+    if how == "header" and token:
+        headers = f"Authorization: Bearer {token}\r\n"
+    elif how == "subprotocol":
+        headers = f"Sec-WebSocket-Protocol: bearer, {token}\r\n"
+    elif how == "query":
+        path += f"?token={token}"
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
+    )
+    sock = raw_connect(server.port, request.encode())
+    sock.settimeout(10)
+    head = b""
+    while b"\r\n\r\n" not in head and (more := sock.recv(1)):
+        head += more
+    return sock, int(head.split()[1]), head
+
+
+# With JWT_SECRET, JWT_AUDIENCE and JWT_ISSUER, a handshake needs a valid token, from the Authorization header, the
+# query or the subprotocol (answered "bearer"): signature, exp (required, with a 5 s leeway), nbf, iat, sub, aud and
+# iss are checked; alg "none" is refused. A refusal is HTTP 401 with its reason in the log, never the token.
+@pytest.mark.parametrize("how,token,status", TOKENS.values(), ids=TOKENS.keys())
+def test_tokens_at_the_handshake(signed_server: Server, how: str, token: Callable[[], str], status: int) -> None:
+    given = token()
+    sock, got, head = token_handshake(signed_server, how, given)
+    sock.close()
+    assert got == status, head
+    assert (b"Sec-WebSocket-Protocol: bearer" in head or b"sec-websocket-protocol: bearer" in head) == (
+        how == "subprotocol" and status == 101
+    )
+    if status == 401:
+        wait_for(lambda: "refused a WebSocket: " in signed_server.log(), 5, "the refusal's log line")
+    if given and len(given) > 12:
+        assert given not in signed_server.log()
+        assert not [part for part in given.split(".") if len(part) > 8 and part in signed_server.log()]
+
+
+# The refusals say why in the log: expired, audience, issuer, signature, algorithm, no token.
+def test_token_refusals_say_why(signed_server: Server) -> None:
+    for token in (signed(exp=int(time.time()) - 60), signed(aud="x"), signed(iss="x"), signed("y" * 40), unsigned()):
+        token_handshake(signed_server, "header", token)[0].close()
+    token_handshake(signed_server, "header", "")[0].close()
+    wait_for(lambda: signed_server.log().count("refused a WebSocket: ") >= 6, 5, "six refusals")
+    for why in ("invalid token: Signature has expired", "invalid token: Audience doesn't match",
+                "invalid token: Invalid issuer", "invalid token: Signature verification failed",
+                "invalid token: The specified alg value is not allowed", "refused a WebSocket: no token"):  # fmt: skip
+        assert why in signed_server.log(), why
+
+
+# With JWT_PUBLIC_KEY, an RS256 (or, with an EC key, ES256) token is checked with it; an HS256 token "signed" with
+# the public key's own text (the HS/RS confusion) is refused, as is one signed by another key.
+@pytest.mark.parametrize("key,algorithm", [(RSA_KEY, "RS256"), (EC_KEY, "ES256")], ids=["rsa", "ec"])
+def test_tokens_with_a_public_key(bedrock: FakeBedrock, tmp_path: Path, key: Any, algorithm: str) -> None:
+    settings = {"JWT_PUBLIC_KEY": pem(key), "JWT_AUDIENCE": "chat", "JWT_ISSUER": "https://app.example"}
+    other = rsa.generate_private_key(65537, 2048) if algorithm == "RS256" else ec.generate_private_key(ec.SECP256R1())
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
+        good = signed(key, algorithm)
+        with connect(server.ws_url, additional_headers={"Authorization": f"Bearer {good}"}) as ws:
+            assert ask(ws, "signed question")[-1]["full_text"] == echo("signed question")
+        confused = hs256_with(pem(key).replace("\\n", "\n"))
+        for token in (confused, signed(other, algorithm)):
+            assert token_handshake(server, "header", token)[1] == 401
+
+
+def hs256_with(secret: str) -> str:
+    """An HS256 token whose HMAC key is `secret` (a public key's PEM: the HS/RS confusion attack), built by hand, as
+    PyJWT itself refuses to sign one."""
+    now = int(time.time())
+    part = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()  # noqa: E731
+    body = {"sub": "alice", "aud": "chat", "iss": "https://app.example", "iat": now, "exp": now + 300}
+    signing = f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(body)}"
+    mac = hmac.new(secret.encode(), signing.encode(), hashlib.sha256).digest()
+    return f"{signing}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+
+class JWKS:
+    """A JWKS served on a free loopback port, its keys replaceable (a rotation), its fetches counted."""
+
+    def __init__(self, *keys: tuple[str, Any]) -> None:
+        self.keys, self.fetches = list(keys), 0
+        jwks = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                jwks.fetches += 1
+                listed = [{**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(k.public_key())), "kid": kid,
+                           "use": "sig", "alg": "RS256"} for kid, k in jwks.keys]  # fmt: skip
+                body = json.dumps({"keys": listed}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/.well-known/jwks.json"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+# JWT_JWKS_URL: the keys are fetched once and kept; a token naming a kid the JWKS does not list makes it fetch again
+# (a rotation), at most once every 5 s however many such tokens come; a key rotated out no longer checks a token
+# once the JWKS is fetched again.
+def test_a_jwks_that_rotates(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    old, new = RSA_KEY, rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwks = JWKS(("k1", old))
+    settings = {"JWT_JWKS_URL": jwks.url, "JWT_AUDIENCE": "chat", "JWT_ISSUER": "https://app.example"}
+    try:
+        with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server:
+            for _ in range(5):
+                assert token_handshake(server, "header", signed(old, "RS256", {"kid": "k1"}))[1] == 101
+            assert jwks.fetches == 1
+            jwks.keys = [("k2", new)]  # the app rotates its signing key
+            rotated = lambda: token_handshake(server, "header", signed(new, "RS256", {"kid": "k2"}))[1] == 101  # noqa: E731
+            started = time.monotonic()
+            wait_for(rotated, 10, "a token of the new key to be taken")
+            assert jwks.fetches == 2 and 4 < time.monotonic() - started < 8  # 5 s after the first fetch
+            for i in range(20):  # unknown kids, as an attacker would send: no fetch for 5 s
+                assert token_handshake(server, "header", signed(new, "RS256", {"kid": f"x{i}"}))[1] == 401
+            assert jwks.fetches == 2
+            assert token_handshake(server, "header", signed(old, "RS256", {"kid": "k1"}))[1] == 401  # rotated out
+    finally:
+        jwks.close()
+
+
+@pytest.fixture(scope="module")
+def signed_pair(store: RedisServer, bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory):
+    """Two processes on one Redis, taking signed tokens, their sessions outliving connections."""
+    settings = {**RESUMABLE, **SIGNED, "REDIS_URL": store.url}
+    with contextlib.ExitStack() as stack:
+        yield [
+            stack.enter_context(run_server(tmp_path_factory.mktemp(name), BEDROCK_ENDPOINT_URL=bedrock.url, **settings))
+            for name in "ab"
+        ]
+
+
+def as_user(user: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {signed(sub=user)}"}
+
+
+# With signed tokens a session is its user's: another user, even with its session_id and resume_token, gets the
+# not_found a wrong token gets, resuming or asking in it, and end_session is ignored as for an unknown session (in
+# the process that holds it, and through Redis from the other); its own user then resumes it whole.
+@pytest.mark.parametrize("where", ["same process", "other process"])
+def test_another_users_session(signed_pair: list[Server], bedrock: FakeBedrock, where: str) -> None:
+    a, b = signed_pair
+    there, question = (a if where == "same process" else b), f"alice's secret, {where}"
+    with connect(a.ws_url, additional_headers=as_user("alice")) as ws:
+        start = ask(ws, question, f"alice's, {where}")[0]
+    session_id = start["session_id"]
+    not_found = {"type": "error", "session_id": session_id, "code": "not_found", "message": NOT_FOUND}
+    with connect(there.ws_url, additional_headers=as_user("mallory")) as ws:
+        assert resume(ws, start) == not_found
+        ws.send(json.dumps({"question": f"mallory asks in it, {where}", "session_id": session_id}))
+        assert json.loads(ws.recv(timeout=5)) == not_found
+        ws.send(json.dumps({"type": "end_session", "session_id": session_id}))
+        assert ask(ws, "mine", f"mallory's, {where}")[-1]["full_text"] == echo("mine")  # nothing for the end_session
+    assert not bedrock.calls_for(f"mallory asks in it, {where}")
+    with connect(there.ws_url, additional_headers=as_user("alice")) as ws:
+        assert resume(ws, start) == resumed(start, None, [question, echo(question)])
+    alice = hashlib.sha256(b"alice").hexdigest()[:12]  # the answer's log line names the user by a short hash
+    wait_for(lambda: f"outcome=end reasoning_chars=0 user={alice}" in a.log(), 5, "alice's answer line")
+    assert "user=alice" not in a.log()
+
+
+# A connection lives no longer than its token: at its exp (+ the 5 s leeway) an answer in flight finishes, then the
+# connection is closed with 4401. A refresh before then, with a new token for the same user, moves its end; a token
+# for another user, or an invalid one, is refused with an error frame and changes nothing.
+def test_refresh_and_expiry(signed_server: Server, bedrock: FakeBedrock) -> None:
+    soon = int(time.time()) + 2
+    bedrock.replies["outlives its token"] = Reply(tokens=[f" w{i}" for i in range(180)], delay=0.05)  # 9 s
+    with (
+        connect(signed_server.ws_url, additional_headers={"Authorization": f"Bearer {signed(exp=soon)}"}) as short,
+        connect(signed_server.ws_url, additional_headers={"Authorization": f"Bearer {signed(exp=soon)}"}) as kept,
+    ):
+        kept.send(json.dumps({"type": "refresh", "token": signed(exp=soon + 60)}))
+        assert json.loads(kept.recv(timeout=5)) == {"type": "refreshed", "expires_at": soon + 60}
+        kept.send(json.dumps({"type": "refresh", "token": signed(sub="mallory")}))
+        assert json.loads(kept.recv(timeout=5))["message"] == "A refreshed token must name the same user."
+        kept.send(json.dumps({"type": "refresh", "token": signed("wrong-secret-of-32-bytes-or-more!!")}))
+        assert json.loads(kept.recv(timeout=5))["code"] == "invalid_request"
+        short.send(json.dumps({"question": "outlives its token"}))
+        frames = read_answer(short)  # past exp + 5 s: it goes on to its end
+        assert frames[-1]["type"] == "end" and frames[-1]["full_text"] == "".join(f" w{i}" for i in range(180))
+        assert time.time() > soon + 5
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            short.recv(timeout=5)
+        assert closed.value.rcvd.code == 4401 and closed.value.rcvd.reason == "token expired"
+        assert ask(kept, "still here")[-1]["full_text"] == echo("still here")  # refreshed: open past the first exp
+
+
 # --- metrics and JSON logs: /metrics read with prometheus-client's own parser; every line one JSON object
 
 
@@ -3065,7 +3392,7 @@ REFUSAL_CODES = ["invalid_request", "too_large", "busy", "session_in_use", "not_
 
 
 ANSWER_FIELDS = {"session_id": str, "turn_id": str, "model": str, "ttft_ms": int, "duration_ms": int}
-ANSWER_FIELDS |= {"tokens_in": int, "tokens_out": int, "reasoning_chars": int, "outcome": str}
+ANSWER_FIELDS |= {"tokens_in": int, "tokens_out": int, "reasoning_chars": int, "outcome": str, "user": type(None)}
 
 
 ODD_ID = 'j1 "}\n{"level": "x" \U0001f600\u202e\\'  # a session id that would break a careless line
@@ -3538,6 +3865,23 @@ def test_page_passes_token(page: Any, guarded: Server) -> None:
     expect(page.locator("#state")).to_contain_text("refused: this server needs a key")
 
 
+# The page opened as /?token=<jwt> sends the token as its WebSocket subprotocol (a browser cannot set headers on a
+# WebSocket), never in the socket's URL; with an expired token it says why it is refused, and stops retrying.
+@needs_chromium
+def test_page_with_a_signed_token(page: Any, signed_server: Server) -> None:
+    from playwright.sync_api import expect
+
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    open_chat(page, f"{signed_server.http}/?token={signed()}")
+    ask_on_page(page, "signed on the page")
+    expect(page.locator(".bot").last).to_have_text(echo("signed on the page"))
+    assert sockets == [signed_server.ws_url]
+    page.goto(f"{signed_server.http}/?token={signed(exp=int(time.time()) - 60)}")
+    reason = "refused: the token in ?token= is not valid (expired, or not this server's)"
+    expect(page.locator("#state")).to_have_text(reason)
+
+
 # The page follows the newest text while the reader is at the bottom (tokens as they stream, the "Stopped." note, an
 # error box), at desktop and phone size: the last element's box is inside the conversation's view, above the input
 # bar. Scrolled up to read, the reader keeps the scroll where it is while the answer streams on.
@@ -3736,6 +4080,30 @@ def test_page_says_why_it_is_refused(page: Any, guarded: Server) -> None:
     open_chat(page, f"{guarded.http}/?token={QUOTED_KEY}")
 
 
+# A connection dropped mid-thinking: the page resumes into the same block (its text once, one block); an answer of
+# thinking alone leaves its block, collapsed, and no empty answer.
+@needs_chromium
+def test_page_thinking_across_a_drop(page: Any, resumable_layered: Server, bedrock: FakeBedrock) -> None:
+    from playwright.sync_api import expect
+
+    thoughts = [f" idea {i}" for i in range(60)]
+    bedrock.replies["page drop thinking"] = Reply(tokens=[*map(think, thoughts), " fin"], delay=0.03)
+    open_chat(page, resumable_layered.http + "/")
+    ask_on_page(page, "page drop thinking")
+    block = page.locator("details.thinking")
+    expect(block).to_contain_text("idea 5")
+    page.evaluate("ws.close()")
+    expect(page.locator("#state")).to_contain_text("disconnected")
+    page_answer(page, [" fin"])
+    expect(block.locator("div")).to_have_text("".join(thoughts))
+    bedrock.replies["page only thinks"] = Reply(tokens=[think("Just thinking.")])
+    ask_on_page(page, "page only thinks")
+    summaries = [f"Thought ({len(''.join(thoughts))} characters)", "Thought (14 characters)"]
+    expect(page.locator("details.thinking summary")).to_have_text(summaries)
+    expect(page.locator(".bot")).to_have_count(1)
+    expect(page.locator("#send")).to_have_text("Send")
+
+
 # The model's thinking shows as it streams, as text (never HTML), in a muted block above the answer, open; once the
 # answer starts it is collapsed, with its length; a refresh mid-thinking replays the pending turn's thinking whole,
 # once; the answer holds none of it.
@@ -3743,7 +4111,7 @@ def test_page_says_why_it_is_refused(page: Any, guarded: Server) -> None:
 def test_page_shows_thinking(page: Any, resumable_layered: Server, bedrock: FakeBedrock) -> None:
     from playwright.sync_api import expect
 
-    thoughts = [f" step {i} <img src=x onerror=alert(1)>" for i in range(40)]
+    thoughts = [f" step {i} <img src=x onerror=alert(1)> 😀" for i in range(40)]  # (counted in characters, not UTF-16)
     answer = [f" ans{i}" for i in range(10)]
     bedrock.replies["page thinks"] = Reply(tokens=[*map(think, thoughts), *answer], delay=0.05)
     open_chat(page, resumable_layered.http + "/")
