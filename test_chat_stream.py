@@ -2429,10 +2429,12 @@ def test_memory_of_one_answer(fresh: Server, bedrock: FakeBedrock) -> None:
 # 32,000 four-byte characters and answers of 4,096 tokens of four four-byte characters), times MAX_CONNECTIONS,
 # plus MAX_CONCURRENT_STREAMS answers in flight at that size, fits a 24 GiB machine with room to spare.
 @slow
-def test_memory_of_one_connection(fresh: Server, bedrock: FakeBedrock) -> None:
+def test_memory_of_one_connection(bedrock: FakeBedrock, tmp_path: Path) -> None:
     answer, last_asked_at = ["\U0001f600" * 4] * 4096, [0]
+    settings = {"CHAT_API_KEY": API_KEY, "MAX_FRAMES_PER_SECOND": 2000}  # subtle: the defaults but the frame budget,
+    # which only paces this (80 answers of 4,096 frames, a frame's time each 64: over four minutes at the default)
 
-    def fill(ws: ClientConnection, name: str) -> None:
+    def fill(fresh: Server, ws: ClientConnection, name: str) -> None:
         for turn in range(10):  # each turn is ~12,000 estimated tokens: 8 fill MAX_HISTORY_TOKENS
             for session in range(4):
                 question = chr(0x1F300 + turn) * 31_999 + str(session)
@@ -2442,10 +2444,14 @@ def test_memory_of_one_connection(fresh: Server, bedrock: FakeBedrock) -> None:
                     fresh.reset_peak()
                 assert ask(ws, question, f"{name}-{session}")[-1]["type"] == "end"
 
-    with connect(f"{fresh.ws_url}?token={QUOTED_KEY}") as first, connect(f"{fresh.ws_url}?token={QUOTED_KEY}") as ws:
-        fill(first, "first")  # subtle: also warms the allocator, which keeps what building large requests took
+    with (
+        run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as fresh,
+        connect(f"{fresh.ws_url}?token={QUOTED_KEY}") as first,
+        connect(f"{fresh.ws_url}?token={QUOTED_KEY}") as ws,
+    ):
+        fill(fresh, first, "first")  # subtle: also warms the allocator, which keeps what building large requests took
         before = fresh.memory_kib()
-        fill(ws, "second")
+        fill(fresh, ws, "second")
         per_answer = fresh.memory_kib("VmHWM") - last_asked_at[0]
         per_connection = fresh.memory_kib() - before
     print(
@@ -3326,17 +3332,26 @@ def signed_pair(store: RedisServer, bedrock: FakeBedrock, tmp_path_factory: pyte
         ]
 
 
+@pytest.fixture(scope="module")
+def signed_memory(bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One process taking signed tokens, its sessions (in its memory) outliving connections."""
+    with run_server(tmp_path_factory.mktemp("signed"), BEDROCK_ENDPOINT_URL=bedrock.url, **RESUMABLE, **SIGNED) as s:
+        yield s
+
+
 def as_user(user: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {signed(sub=user)}"}
 
 
 # With signed tokens a session is its user's: another user, even with its session_id and resume_token, gets the
 # not_found a wrong token gets, resuming or asking in it, and end_session is ignored as for an unknown session (in
-# the process that holds it, and through Redis from the other); its own user then resumes it whole.
-@pytest.mark.parametrize("where", ["same process", "other process"])
-def test_another_users_session(signed_pair: list[Server], bedrock: FakeBedrock, where: str) -> None:
-    a, b = signed_pair
-    there, question = (a if where == "same process" else b), f"alice's secret, {where}"
+# one process's memory, and with Redis in the process that holds it and from the other); its own user then resumes
+# it whole.
+@pytest.mark.parametrize("where", ["memory", "redis, same process", "redis, other process"])
+def test_another_users_session(request: pytest.FixtureRequest, bedrock: FakeBedrock, where: str) -> None:
+    fixture = "signed_memory" if where == "memory" else "signed_pair"
+    a, b = [request.getfixturevalue(fixture)] * 2 if where == "memory" else request.getfixturevalue(fixture)
+    there, question = (b if "other" in where else a), f"alice's secret, {where}"
     with connect(a.ws_url, additional_headers=as_user("alice")) as ws:
         start = ask(ws, question, f"alice's, {where}")[0]
     session_id = start["session_id"]
