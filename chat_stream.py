@@ -731,7 +731,7 @@ class BedrockChat(ChatBedrockConverse):
             async for event in stream:
                 finished = finished or "messageStop" in event
                 if "text" in (delta := event.get("contentBlockDelta", {}).get("delta", {})):
-                    if inline is None:
+                    if inline is None or inline.answering:
                         yield ChatGenerationChunk(message=AIMessageChunk(delta["text"]))  # the hot path: plain text
                     else:
                         for chunk in inline.split(delta["text"]):
@@ -775,9 +775,14 @@ class InlineReasoning:
         self.held = ""
         self.thought: list[str] = []  # the reasoning since the opening tag, in case none closes it
 
+    @property
+    def answering(self) -> bool:
+        """The answer has begun, after any reasoning: its deltas are its text (the hot path)."""
+        return not (self.inside or self.leading or self.held)
+
     def split(self, text: str, end: bool = False) -> list[AIMessageChunk]:
         """The chunks of `text`, after what was held back; with `end` (the content block ended), nothing is held."""
-        if not (self.inside or self.leading or self.held):  # the answer, after its reasoning: the hot path
+        if self.answering:
             return [AIMessageChunk(text)] if text else []
         pieces: list[AIMessageChunk] = []
         text, self.held = self.held + text, ""
@@ -1264,11 +1269,9 @@ def reasoning_chars(turn: Turn) -> int:
     return sum(len(t) for t in turn.tokens if type(t) is Thought) if turn.thought else 0
 
 
-def frame_of(token: str, seq: int) -> dict[str, Any]:
-    if type(token) is str:
-        return {"type": "token", "text": token, "seq": seq}
-    if token:
-        return {"type": "reasoning", "text": token, "seq": seq}
+def thought_frame(thought: Thought, seq: int) -> dict[str, Any]:
+    if thought:
+        return {"type": "reasoning", "text": thought, "seq": seq}
     return {"type": "reasoning", "redacted": True, "seq": seq}
 
 
@@ -1284,7 +1287,10 @@ async def deliver(ws: WebSocket, session: Session, turn: Turn, after: int, start
         while session.owner is ws:
             if sent < len(turn.tokens):
                 sent = turn.sent = sent + 1
-                await send(ws, frame_of(turn.tokens[sent - 1], sent))
+                if type(token := turn.tokens[sent - 1]) is str:  # (the hot path: no call)
+                    await send(ws, {"type": "token", "text": token, "seq": sent})
+                else:
+                    await send(ws, thought_frame(token, sent))
                 turn.room.set()
             elif turn.final is None:
                 turn.changed.clear()
