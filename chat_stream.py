@@ -1221,7 +1221,7 @@ async def read(session: Session, turn: Turn) -> tuple[str | None, dict[str, int]
     async with aclosing(MODEL.astream(messages)) as chunks:  # the Bedrock stream is closed even when cancelled
         async for chunk in chunks:
             if text := str(chunk.text):  # subtle: a plain str, half the size of langchain-core's TextAccessor
-                pieces: tuple[str, ...] | list[Thought] = (text if text.isascii() else valid(text),)
+                pieces: tuple[str, ...] | list[Thought] = (valid(text),)
             elif pieces := reasoning(chunk.content):
                 turn.thought = True
             for token in pieces:
@@ -1257,7 +1257,9 @@ def reasoning(content: str | list[Any]) -> list[Thought]:
 
 def valid(text: str) -> str:
     """`text`, its lone surrogates (which no UTF-8 encoder takes: not the client's socket, not a store) as U+FFFD."""
-    return text if is_unicode(text) else text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if text.isascii() or is_unicode(text):
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def text_of(turn: Turn) -> str:
@@ -1934,7 +1936,7 @@ class RedisStore(Store):
         args = [self.claim_of(session), digest(session.resume_token, session.user), dumps(session.history), turn.id]
         args.append(turn.question)
         self.reading[turn.id] = turn  # a cancel from elsewhere finds it, even one sent as this call returns
-        user = "" if session.user is None else digest(session.user).hex()
+        user = self.user_key(session.user)
         with self.reaching():
             began = await self.scripts["BEGIN"](keys, [*args, self.held_ttl, milliseconds(self.LEASE), PROCESS, user])
         if began != 1:
@@ -2009,7 +2011,12 @@ class RedisStore(Store):
     async def exists(self, session_id: str, user: str | None) -> bool:
         with self.reaching():
             found = await self.redis.hmget(self.session_key(session_id), "owner", "user")
-        return found[0] is not None and (found[1] or b"").decode() == ("" if user is None else digest(user).hex())
+        return found[0] is not None and (found[1] or b"").decode() == self.user_key(user)
+
+    @staticmethod
+    def user_key(user: str | None) -> str:
+        """A session's user as Redis keeps it: a hash, never the id ("" for none)."""
+        return "" if user is None else digest(user).hex()
 
     async def read_elsewhere(self, session: Session) -> bool:
         try:
@@ -2229,10 +2236,9 @@ class Keys:
             return self.public, [self.algorithm]
         kid = jwt.get_unverified_header(token).get("kid")
         if kid not in self.jwks or time.monotonic() - self.fetched > JWKS_LIFESPAN:
-            async with self.fetching:
-                if (kid not in self.jwks and time.monotonic() - self.fetched > JWKS_RETRY) or (
-                    time.monotonic() - self.fetched > JWKS_LIFESPAN
-                ):
+            async with self.fetching:  # one fetch for all the handshakes that wait for it
+                age = time.monotonic() - self.fetched
+                if age > JWKS_LIFESPAN or (kid not in self.jwks and age > JWKS_RETRY):
                     await self.fetch()
         if (found := self.jwks.get(kid)) is None:
             raise jwt.InvalidKeyError(f"no key {kid!r} in the JWKS")

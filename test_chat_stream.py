@@ -296,12 +296,15 @@ own_store = pytest.fixture(redis_server, name="own_store")  # a test's own, to s
 @pytest.fixture(scope="module")
 def pair(store: RedisServer, bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
     """Two server processes sharing one Redis: a client dropped by one resumes on the other."""
-    settings = {**RESUMABLE, "REDIS_URL": store.url}
+    with two_processes(tmp_path_factory, BEDROCK_ENDPOINT_URL=bedrock.url, REDIS_URL=store.url) as servers:
+        yield servers
+
+
+@contextlib.contextmanager
+def two_processes(tmp_path_factory: pytest.TempPathFactory, **settings: Any) -> Iterator[list[Server]]:
+    """Two servers with these settings (sessions outliving their connections, unless they say otherwise)."""
     with contextlib.ExitStack() as stack:
-        yield [
-            stack.enter_context(run_server(tmp_path_factory.mktemp(name), BEDROCK_ENDPOINT_URL=bedrock.url, **settings))
-            for name in "ab"
-        ]
+        yield [stack.enter_context(run_server(tmp_path_factory.mktemp(n), **RESUMABLE | settings)) for n in "ab"]
 
 
 @pytest.fixture(scope="module")
@@ -417,6 +420,12 @@ def handshake(
     port: int, host: str = "127.0.0.1", headers: str = "", path: str = "/ws/chat/completions"
 ) -> tuple[socket.socket, int]:
     """A WebSocket handshake by hand (any Host header); returns the socket and the HTTP status."""
+    sock, status, _ = handshake_head(port, host, headers, path)
+    return sock, status
+
+
+def handshake_head(port: int, host: str, headers: str, path: str) -> tuple[socket.socket, int, bytes]:
+    """The same, and the response's head."""
     request = (
         f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
@@ -426,7 +435,7 @@ def handshake(
     head = b""
     while b"\r\n\r\n" not in head and (more := sock.recv(1)):
         head += more
-    return sock, int(head.split()[1])
+    return sock, int(head.split()[1]), head
 
 
 RESUME_TYPES = "resume_token must be a string, and turn_id a string if given."
@@ -3197,16 +3206,7 @@ def token_handshake(server: Server, how: str, token: str) -> tuple[socket.socket
         headers = f"Sec-WebSocket-Protocol: bearer, {token}\r\n"
     elif how == "query":
         path += f"?token={token}"
-    request = (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
-    )
-    sock = raw_connect(server.port, request.encode())
-    sock.settimeout(10)
-    head = b""
-    while b"\r\n\r\n" not in head and (more := sock.recv(1)):
-        head += more
-    return sock, int(head.split()[1]), head
+    return handshake_head(server.port, "127.0.0.1", headers, path)
 
 
 # With JWT_SECRET, JWT_AUDIENCE and JWT_ISSUER, a handshake needs a valid token, from the Authorization header, the
@@ -3324,12 +3324,8 @@ def test_a_jwks_that_rotates(bedrock: FakeBedrock, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def signed_pair(store: RedisServer, bedrock: FakeBedrock, tmp_path_factory: pytest.TempPathFactory):
     """Two processes on one Redis, taking signed tokens, their sessions outliving connections."""
-    settings = {**RESUMABLE, **SIGNED, "REDIS_URL": store.url}
-    with contextlib.ExitStack() as stack:
-        yield [
-            stack.enter_context(run_server(tmp_path_factory.mktemp(name), BEDROCK_ENDPOINT_URL=bedrock.url, **settings))
-            for name in "ab"
-        ]
+    with two_processes(tmp_path_factory, BEDROCK_ENDPOINT_URL=bedrock.url, REDIS_URL=store.url, **SIGNED) as servers:
+        yield servers
 
 
 @pytest.fixture(scope="module")
