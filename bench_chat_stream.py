@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import jwt
 import websockets
 
 from bedrock_stand_in import FakeBedrock, RedisServer, Reply, echo, free_port, healthy, server_env, think, wait_for
@@ -178,9 +179,12 @@ def cpu_seconds(pids: list[int]) -> float:
 # --- the load
 
 
-async def one_client(url: str, i: int, go: asyncio.Event, ready: asyncio.Queue) -> dict[str, Any]:
+async def one_client(
+    url: str, i: int, go: asyncio.Event, ready: asyncio.Queue, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     question = " ".join(f"c{i}w{j}" for j in range(DELTAS - 1))  # echoed as exactly DELTAS tokens
-    async with websockets.connect(url, compression=None, max_size=None, open_timeout=60) as ws:
+    connecting = websockets.connect(url, compression=None, max_size=None, open_timeout=60, additional_headers=headers)
+    async with connecting as ws:
         ready.put_nowait(i)
         await go.wait()
         sent = time.perf_counter()
@@ -211,9 +215,14 @@ async def one_client(url: str, i: int, go: asyncio.Event, ready: asyncio.Queue) 
     }
 
 
-async def one_round(urls: list[str], n: int, pids: list[int]) -> tuple[list[dict[str, Any]], float]:
+async def one_round(
+    urls: list[str], n: int, pids: list[int], headers: Callable[[int], dict[str, str]] | None = None
+) -> tuple[list[dict[str, Any]], float]:
+    """N clients (client i with `headers(i)`, if given) connect, then ask at once; their results, and the CPU spent."""
     go, ready = asyncio.Event(), asyncio.Queue()
-    clients = [asyncio.create_task(one_client(urls[i % len(urls)], i, go, ready)) for i in range(n)]
+    clients = [
+        asyncio.create_task(one_client(urls[i % len(urls)], i, go, ready, headers and headers(i))) for i in range(n)
+    ]
     for _ in range(n):
         await ready.get()
     cpu = cpu_seconds(pids)
@@ -293,24 +302,37 @@ def row_of(kind: str, n: int, results: list[dict[str, Any]], cpu: float) -> dict
     return row
 
 
-def metrics_cost(bedrock_url: str, n: int, rounds: int) -> list[dict[str, Any]]:
-    """chat_stream with its metrics and with METRICS=off, both started, their rounds taken in turn (on, off, on,
-    off, ...) so that the machine's drift falls on both alike; then what one scrape of /metrics costs."""
-    servers = {kind: start_server(kind, bedrock_url, METRICS=m) for kind, m in METRICS_KINDS.items()}
+def in_turn(
+    servers: dict[str, tuple[subprocess.Popen, int]],
+    n: int,
+    rounds: int,
+    also: tuple[int, ...] = (),
+    headers: Any = None,
+) -> list[dict[str, Any]]:
+    """A row for each of these servers, running at once, their rounds taken in turn (one, the other, one, ...) so
+    that the machine's drift falls on all alike; `also`: more processes whose CPU counts (a redis-server they
+    share); `headers`: for each kind, each client's handshake headers (or None)."""
     urls = {kind: [f"ws://127.0.0.1:{port}/ws/chat/completions"] for kind, (_, port) in servers.items()}
     results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in servers}
     cpu = dict.fromkeys(servers, 0.0)
-    try:
+    for kind, (process, _) in servers.items():
+        asyncio.run(one_round(urls[kind], 10, [process.pid], (headers or {}).get(kind)))  # warm up
+    for _ in range(rounds):
         for kind, (process, _) in servers.items():
-            asyncio.run(one_round(urls[kind], 10, [process.pid]))  # warm up
-        for _ in range(rounds):
-            for kind, (process, _) in servers.items():
-                r, c = asyncio.run(one_round(urls[kind], n, [process.pid]))
-                results[kind] += r
-                cpu[kind] += c
-        rows = [row_of(kind, n, results[kind], cpu[kind]) for kind in servers]
-        for row in rows:
-            print(format_row(row), flush=True)
+            r, c = asyncio.run(one_round(urls[kind], n, [process.pid, *also], (headers or {}).get(kind)))
+            results[kind] += r
+            cpu[kind] += c
+    rows = [row_of(kind, n, results[kind], cpu[kind]) for kind in servers]
+    for row in rows:
+        print(format_row(row), flush=True)
+    return rows
+
+
+def metrics_cost(bedrock_url: str, n: int, rounds: int) -> list[dict[str, Any]]:
+    """chat_stream with its metrics and with METRICS=off, in turn; then what one scrape of /metrics costs."""
+    servers = {kind: start_server(kind, bedrock_url, METRICS=m) for kind, m in METRICS_KINDS.items()}
+    try:
+        rows = in_turn(servers, n, rounds)
         process, port = servers["metrics on"]
         before = cpu_seconds([process.pid])
         for _ in range(100):
@@ -326,6 +348,27 @@ def metrics_cost(bedrock_url: str, n: int, rounds: int) -> list[dict[str, Any]]:
 
 
 METRICS_KINDS = {"metrics on": "on", "metrics off": "off"}  # chat_stream, with METRICS set so
+
+
+def budgets_cost(bedrock_url: str, n: int, rounds: int) -> list[dict[str, Any]]:
+    """chat_stream on one redis-server with signed tokens and every budget on (limits no client reaches: each client
+    is a user of its own), and without either, in turn; the redis-server's CPU counts for both."""
+    store = RedisServer()
+    limits = {"USER_REQUESTS_PER_MINUTE": 1000, "USER_TOKENS_PER_MINUTE": 10**7, "USER_MAX_STREAMS": 100}
+    kinds = {"budgets on": {"JWT_SECRET": BENCH_SECRET, **limits}, "budgets off": {}}
+    servers = {kind: start_server(kind, bedrock_url, REDIS_URL=store.url, **s) for kind, s in kinds.items()}
+    tokens = [jwt.encode({"sub": f"user{i}", "exp": int(time.time()) + 3600}, BENCH_SECRET) for i in range(n)]
+    headers = {"budgets on": lambda i: {"Authorization": f"Bearer {tokens[i % n]}"}}
+    try:
+        return in_turn(servers, n, rounds, (store.process.pid,), headers)
+    finally:
+        for process, _ in servers.values():
+            process.terminate()
+            process.wait()
+        store.close()
+
+
+BENCH_SECRET = "the-benchmark-s-secret-of-32-bytes"
 
 
 # --- what a hostile client costs the others: a victim's token gaps while 8 clients scrape /metrics in a loop, or 12
@@ -563,6 +606,7 @@ def main() -> None:
     parser.add_argument("--metrics-cost", type=int, default=200, help="N for metrics on vs METRICS=off (0: skip)")
     parser.add_argument("--abuse", type=int, default=20, help="victims under a scrape and a resume flood (0: skip)")
     parser.add_argument("--reasoning", type=int, default=200, help="N for the reasoning profile's row (0: skip)")
+    parser.add_argument("--budgets-cost", type=int, default=200, help="N for tokens and budgets on vs off (0: skip)")
     parser.add_argument("--out", type=Path, default=HERE / "docs", help="folder for bench.json and bench.png")
     args = parser.parse_args()
 
@@ -580,6 +624,8 @@ def main() -> None:
         rows += metrics_cost(bedrock_url, args.metrics_cost, args.rounds + 2)
     if args.abuse:
         rows += abuse_cost(bedrock_url, args.abuse, args.rounds)
+    if args.budgets_cost:
+        rows += budgets_cost(bedrock_url, args.budgets_cost, args.rounds + 2)
     if args.reasoning:  # answers that think first: another stand-in, whose every answer does
         parent2, child2 = multiprocessing.get_context("spawn").Pipe()
         thinker = multiprocessing.get_context("spawn").Process(target=serve_bedrock, args=(child2, True), daemon=True)
@@ -612,6 +658,11 @@ def main() -> None:
         cpu = on[n]["cpu_per_token_us"] / off[n]["cpu_per_token_us"] - 1
         p99 = on[n]["answer_p99_s"] / off[n]["answer_p99_s"] - 1
         print(f"N={n}: metrics cost {cpu:+.1%} CPU per token, {p99:+.1%} answer p99 (on vs METRICS=off, in turn)")
+    on, off = ({r["n"]: r for r in rows if r["server"] == k} for k in ("budgets on", "budgets off"))
+    for n in sorted(on.keys() & off.keys()):
+        cpu = on[n]["cpu_per_token_us"] / off[n]["cpu_per_token_us"]
+        p99 = on[n]["answer_p99_s"] / off[n]["answer_p99_s"]
+        print(f"N={n}: signed tokens and budgets on (Redis): {p99:.3f}x answer p99, {cpu:.3f}x CPU per token")
     mine, plain = ({r["n"]: r for r in rows if r["server"] == k and "n" in r} for k in ("chat_stream", "plain"))
     for n in sorted(n for n in mine.keys() & plain.keys() if not plain[n]["cut"]):
         p99 = plain[n]["answer_p99_s"] / mine[n]["answer_p99_s"]

@@ -18,15 +18,16 @@ Protocol, on ws://HOST:PORT/ws/chat/completions, one JSON text frame per message
                      {"type": "end", "session_id", "turn_id", "full_text", "stop_reason", "history_trimmed",
                       "usage": {"input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens"},
                       "reasoning_chars"}                        full_text is the answer only, without the thinking
-                     or {"type": "error", "session_id"?, "turn_id"?, "code", "message"}
+                     or {"type": "error", "session_id"?, "turn_id"?, "code", "message", "retry_after"?}
                      {"type": "resumed", "session_id", "history": [{"role", "text"}], "pending": null or
                       {"turn_id", "question"}}, then the pending turn's frames after `after`, live, and its end
                      {"type": "refreshed", "expires_at"}        the refresh was taken
 Error codes: invalid_request, too_large, busy, session_in_use, not_found, throttled, access_denied, model_error,
-unavailable, timeout, internal (each with its messages in ERRORS). After any error the connection stays open. Close
-codes, from the layers: 1007 (text that is not UTF-8), 1008 (too many frames, or a message that never ends), 1009
-(frame too large), 1012 (server restart: SIGTERM drains answers first), 4401 (with signed tokens: the token
-expired). A session outlives its connection by SESSION_TTL, and its answer streams on for RESUME_GRACE, for a resume.
+unavailable, timeout, internal (each with its messages in ERRORS), and from the budgets layer rate_limited (with
+retry_after, in seconds: ask again then). After any error the connection stays open. Close codes, from the layers:
+1007 (text that is not UTF-8), 1008 (too many frames, or a message that never ends), 1009 (frame too large), 1012
+(server restart: SIGTERM drains answers first), 4401 (with signed tokens: the token expired). A session outlives its
+connection by SESSION_TTL, and its answer streams on for RESUME_GRACE, for a resume.
 
 The module has two parts. The reference, the whole protocol on one process (copy it alone, from the top to the
 `# ===` line, and mount its `app` or its `routes`: see the README's "Lift the reference"):
@@ -35,9 +36,9 @@ The module has two parts. The reference, the whole protocol on one process (copy
   routes and the app.
 Then the layers a sidecar adds, each a section that can be deleted whole, with its settings and imports:
   the Redis store (REDIS_URL: sessions shared by every process and replica); signed tokens (JWT_SECRET, ...: a JWT
-  per user at the handshake, in place of the shared key); metrics and JSON logs (GET /metrics,
-  LOG_FORMAT=json); the chat page (GET /); the server (uvicorn's protocols with their limits, the drain on SIGTERM,
-  workers) and main.
+  per user at the handshake, in place of the shared key); budgets (USER_REQUESTS_PER_MINUTE, ...: what each user
+  may ask, across processes with REDIS_URL); metrics and JSON logs (GET /metrics, LOG_FORMAT=json); the chat page
+  (GET /); the server (uvicorn's protocols with their limits, the drain on SIGTERM, workers) and main.
 """
 
 from __future__ import annotations
@@ -1172,6 +1173,7 @@ async def answer(session: Session, turn: Turn) -> None:
         # deltas read
         took, first = time.perf_counter() - started, turn.first_token_at and turn.first_token_at - started
         METER.answered(session, turn, outcome, took, first, billed, reported=usage is not None)  # (a cancel) the
+        GATE.spent(turn, billed)
         usage = dict.fromkeys(CACHE_USAGE, 0) | billed
     if outcome in ("end", "cancelled"):
         end = {"type": "end", "session_id": session.id, "turn_id": turn.id, "full_text": text_of(turn)}
@@ -1405,9 +1407,9 @@ def host_allowed(host: str) -> bool:
 
 
 class Gate:
-    """Who a handshake speaks for: here, whoever has the shared CHAT_API_KEY, if it is set. The users layer puts a
-    signed token per user in its place (it checks the token, answers `refresh` frames, and closes a connection whose
-    token expired)."""
+    """Who a handshake speaks for, and what they may ask: here, whoever has the shared CHAT_API_KEY, if it is set, as
+    much as they like. The signed tokens layer puts a token per user in its place (it checks the token, answers
+    `refresh` frames, and closes a connection whose token expired); the budgets layer counts what each one asks."""
 
     async def check(self, conn: HTTPConnection) -> tuple[int, str, str] | None:
         """Why the handshake's credentials are refused, if they are (as `refusal` says it)."""
@@ -1436,6 +1438,12 @@ class Gate:
     async def refresh(self, ws: WebSocket, token: str) -> dict[str, Any]:
         """A `refresh` frame: the new credentials, checked; the frame that answers it."""
         raise BadRequest("no_tokens")
+
+    async def admit(self, ws: WebSocket, turn: Turn, session_id: str | None) -> None:
+        """A question from `ws`, before the model is asked: raise BadRequest (for `session_id`) to refuse it."""
+
+    def spent(self, turn: Turn, usage: dict[str, int] | None) -> None:
+        """The answer to a question admitted is over: what it spent, or None if the model was never asked."""
 
 
 GATE = Gate()
@@ -1552,28 +1560,31 @@ async def handle(
     elif session is not None and (why := room(0, ANSWER_BYTES + sys.getsizeof(request["question"]))):
         raise BadRequest(why, session_id)
     else:
-        session = session or new_session(session_id, ws, request["question"])
+        question = request["question"]
+        session = session or new_session(session_id, ws, question)
         new = session not in held
+        turn = Turn(
+            secrets.token_urlsafe(12), question, bytes=sys.getsizeof(question) + ANSWER_BYTES, reserved=ANSWER_BYTES
+        )
         try:
-            sending = await start_turn(ws, session, request["question"], chosen_id=new and session_id is not None)
-        except (BadRequest, StoreUnavailable) as exc:
+            await GATE.admit(ws, turn, session_id)  # a budget may refuse it (rate_limited): no model call
+            sending = await start_turn(ws, session, turn, chosen_id=new and session_id is not None)
+        except (BadRequest, StoreUnavailable):
             if new:
                 drop(session)  # it was never recorded
-            elif isinstance(exc, BadRequest):
-                let_go(session, answer_goes_on=False)  # a resume elsewhere took it
             raise
+        finally:
+            if turn.task is None:  # the model was never asked
+                GATE.spent(turn, None)
         held.add(session)
         return sending
     return None
 
 
-async def start_turn(ws: WebSocket, session: Session, question: str, chosen_id: bool) -> asyncio.Task[None]:
+async def start_turn(ws: WebSocket, session: Session, turn: Turn, chosen_id: bool) -> asyncio.Task[None]:
     """Ask the model; return the task that sends the answer to `ws`. The store records the turn before the start
     frame goes, while the model is asked (a round trip saved at every question), except in a new session whose id
     the client chose: the store first says whether it exists elsewhere, so that a refusal costs no model call."""
-    turn = Turn(
-        secrets.token_urlsafe(12), question, bytes=sys.getsizeof(question) + ANSWER_BYTES, reserved=ANSWER_BYTES
-    )
     session.pending = turn  # subtle: counted with its answer's room reserved, so that questions asked at once each
     # find room for theirs
     count(turn, True)
@@ -1586,6 +1597,8 @@ async def start_turn(ws: WebSocket, session: Session, question: str, chosen_id: 
         session.pending = None
         count(turn, False)
         halt(turn, exc.frame["code"] if isinstance(exc, BadRequest) else "unavailable")  # its outcome
+        if isinstance(exc, BadRequest):
+            let_go(session, answer_goes_on=False)  # a resume elsewhere took it (or, new here, it exists elsewhere)
         raise
     if chosen_id:
         ask_model(session, turn)
@@ -1627,10 +1640,10 @@ async def resume(ws: WebSocket, session: Session, turn_id: str | None, after: in
     the task that sends its pending turn, from the token after `after` if the client names that turn. Replays are
     paced per session (REPLAY_RATE), whichever connection asks."""
     loop = asyncio.get_running_loop()
-    if (wait := session.replay_due - loop.time()) > 0:  # subtle: per session, not per connection, so that reconnecting
-        await asyncio.sleep(
-            wait
-        )  # again and again to replay a long answer costs the client time, not the server a core
+    # subtle: paced per session, not per connection, so that reconnecting again and again to replay a long answer
+    # costs the client time, not the server a core
+    if (wait := session.replay_due - loop.time()) > 0:
+        await asyncio.sleep(wait)
         if SESSIONS.get(session.id) is not session:  # taken from here meanwhile
             raise BadRequest("in_use", session.id)
     attach(session, ws)
@@ -1702,7 +1715,7 @@ app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
 
 # === Above: the reference, a whole app. Below: the layers a sidecar adds, each a section to delete whole =========
 # Each layer brings its own settings and imports, and plugs in by replacing or extending something the reference owns
-# (STORE, METER, ERRORS, the app's routes and lifespan); the reference never names a layer.
+# (STORE, GATE, METER, ERRORS, the app's routes and lifespan); the reference never names a layer.
 
 
 # --- the Redis store: sessions in Redis, shared by every process and replica with the same REDIS_URL; any of them can
@@ -2339,6 +2352,193 @@ if JWT_SECRET or JWT_PUBLIC_KEY or JWT_JWKS_URL:
     GATE = TokenGate()
 
 
+# --- budgets: what each user may ask a minute, and at once; without signed tokens, each key or client address;
+# counted across every process in Redis with REDIS_URL, in the process otherwise
+
+import math  # noqa: E402
+
+import redis.exceptions  # noqa: E402 (with REDIS_URL, the Redis store's client counts them)
+
+USER_REQUESTS_PER_MINUTE = setting("USER_REQUESTS_PER_MINUTE", positive_int, None)  # questions a user may ask
+USER_TOKENS_PER_MINUTE = setting("USER_TOKENS_PER_MINUTE", positive_int, None)  # tokens a user's answers may spend
+# (input + output, as Bedrock reports them)
+USER_MAX_STREAMS = setting("USER_MAX_STREAMS", positive_int, None)  # a user's answers streaming at once
+STREAM_LEASE = 10.0  # seconds a streaming answer's place lasts in Redis unless renewed (every 3 s, by the process
+# that reads it): one that dies frees its places
+ERRORS["rate_limited"] = ("rate_limited", "You have asked too much for now; ask again after retry_after seconds.")
+
+
+def waiting(full_at: float, now: float, per_minute: int | None) -> float:
+    """Seconds until a bucket of `per_minute` that is full at `full_at` holds one again: 0 if it does now."""
+    return 0.0 if per_minute is None else max(0.0, full_at - now - 60 + 60 / per_minute)
+
+
+class Budgets:
+    """The gate it wraps, with a budget for each user: a per-minute limit is a bucket that holds a minute's worth and
+    refills continuously (a minute's worth may come at once, then as it refills), as Anthropic and OpenAI meter their
+    own APIs. A question is admitted while its user's buckets are not empty and fewer than USER_MAX_STREAMS of its
+    answers stream; the tokens an answer spent leave the bucket as it ends. So an answer that streams is never cut:
+    the bucket may go below empty, and the next question waits until it has refilled. `retry_after` is when the next
+    question would be admitted, nothing else changing (for USER_MAX_STREAMS, 1 s: when an answer ends is unknown).
+
+    A user is a signed token's `sub`; without tokens, whoever has CHAT_API_KEY (one budget for all who share it), or
+    else a client address (client_of: an IPv6 one by its /64; behind a proxy, as uvicorn's FORWARDED_ALLOW_IPS lets
+    its X-Forwarded-For say it)."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.buckets: dict[str, list[float]] = {}  # by user: when its questions' and its tokens' buckets are full
+        # (time.monotonic()); a user leaves once both are, and none of its answers streams
+        self.streams: dict[str, int] = {}  # by user: its answers streaming
+        self.charged: dict[Turn, str] = {}  # the answers admitted and not over, and their users
+        self.sweep_at = 1024  # users with buckets before the full ones are forgotten
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.gate, name)  # the wrapped gate's check, user, refresh, ...
+
+    def who(self, ws: WebSocket) -> str:
+        if (user := self.gate.user(ws)) is not None:
+            return f"user:{digest(user).hex()}"
+        return "key" if CHAT_API_KEY is not None else f"address:{client_of(ws)}"
+
+    async def admit(self, ws: WebSocket, turn: Turn, session_id: str | None) -> None:
+        await self.gate.admit(ws, turn, session_id)
+        who = self.who(ws)
+        if (wait := await self.take(who, turn)) > 0:
+            refused = BadRequest("rate_limited", session_id)
+            refused.frame["retry_after"] = math.ceil(wait * 1000) / 1000  # seconds, to the millisecond above
+            raise refused
+        self.charged[turn] = who
+
+    def spent(self, turn: Turn, usage: dict[str, int] | None) -> None:
+        self.gate.spent(turn, usage)
+        if (who := self.charged.pop(turn, None)) is not None:
+            self.give(who, turn, usage["input_tokens"] + usage["output_tokens"] if usage else 0)
+
+    async def take(self, who: str, turn: Turn) -> float:
+        """Seconds until `who` may ask: 0, and the question counted, if it may now."""
+        now = time.monotonic()
+        questions, tokens = (max(full_at, now) for full_at in self.buckets.get(who, (now, now)))
+        wait = max(waiting(questions, now, USER_REQUESTS_PER_MINUTE), waiting(tokens, now, USER_TOKENS_PER_MINUTE))
+        if USER_MAX_STREAMS and self.streams.get(who, 0) >= USER_MAX_STREAMS:
+            wait = max(wait, 1.0)
+        if wait > 0:
+            return wait
+        if USER_REQUESTS_PER_MINUTE:
+            questions += 60 / USER_REQUESTS_PER_MINUTE
+        if len(self.buckets) >= self.sweep_at:
+            self.buckets = {u: b for u, b in self.buckets.items() if max(b) > now or self.streams.get(u)}
+            self.sweep_at = max(1024, 2 * len(self.buckets))
+        self.buckets[who] = [questions, tokens]
+        self.streams[who] = self.streams.get(who, 0) + 1
+        return 0.0
+
+    def give(self, who: str, turn: Turn, tokens: int) -> None:
+        """`turn` is over, and spent `tokens`."""
+        if (streams := self.streams.pop(who) - 1) > 0:
+            self.streams[who] = streams
+        if USER_TOKENS_PER_MINUTE and tokens:
+            bucket = self.buckets.setdefault(who, [0.0, 0.0])
+            bucket[1] = max(bucket[1], time.monotonic()) + tokens * 60 / USER_TOKENS_PER_MINUTE
+
+
+class RedisBudgets(Budgets):
+    """The budgets in Redis, shared by every process with the same REDIS_URL, each question taken in one script call
+    (times in microseconds, from Redis's clock). Keys:
+
+      chat:budget:{user}   hash: q and t, when the user's questions' and tokens' buckets are full; it expires then
+      chat:streams:{user}  sorted set: the user's answers streaming (turn ids), each scored with the end of its lease
+
+    where {user} is "user:" and the SHA-256 of `sub` (never the id itself), "key", or "address:" and the address."""
+
+    TAKE = """
+        local now = redis.call('TIME')
+        now = now[1] * 1e6 + now[2]
+        local bucket = redis.call('HMGET', KEYS[1], 'q', 't')
+        local questions = math.max(tonumber(bucket[1]) or 0, now)
+        local tokens = math.max(tonumber(bucket[2]) or 0, now)
+        local per_minute, most, wait = {tonumber(ARGV[1]), tonumber(ARGV[2])}, tonumber(ARGV[3]), 0
+        for i, full_at in ipairs({questions, tokens}) do
+            if per_minute[i] > 0 then wait = math.max(wait, full_at - now - 60e6 + 60e6 / per_minute[i]) end
+        end
+        if most > 0 then
+            redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)  -- leases that ended: their processes died
+            if redis.call('ZCARD', KEYS[2]) >= most then wait = math.max(wait, 1e6) end
+        end
+        if wait > 0 then return math.ceil(wait) end
+        if per_minute[1] > 0 then questions = questions + 60e6 / per_minute[1] end
+        redis.call('HSET', KEYS[1], 'q', string.format('%.0f', questions), 't', string.format('%.0f', tokens))
+        redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(questions, tokens) - now) / 1000) + 1000)
+        if most > 0 then
+            redis.call('ZADD', KEYS[2], string.format('%.0f', now + ARGV[5] * 1000), ARGV[4])
+            redis.call('PEXPIRE', KEYS[2], ARGV[5])
+        end
+        return 0"""
+    GIVE = """
+        redis.call('ZREM', KEYS[2], ARGV[1])
+        local per_minute, tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
+        if per_minute == 0 or tokens == 0 then return 0 end
+        local now = redis.call('TIME')
+        now = now[1] * 1e6 + now[2]
+        local bucket = redis.call('HMGET', KEYS[1], 'q', 't')
+        local full_at = math.max(tonumber(bucket[2]) or 0, now) + tokens * 60e6 / per_minute
+        redis.call('HSET', KEYS[1], 't', string.format('%.0f', full_at))
+        redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(tonumber(bucket[1]) or 0, full_at) - now) / 1000) + 1000)
+        return 0"""
+    RENEW = """
+        local now = redis.call('TIME')
+        local lease_end = string.format('%.0f', now[1] * 1e6 + now[2] + ARGV[1] * 1000)
+        for i, key in ipairs(KEYS) do
+            redis.call('ZADD', key, 'XX', lease_end, ARGV[i + 1])
+            redis.call('PEXPIRE', key, ARGV[1])
+        end
+        return 0"""
+
+    def __init__(self, gate: Gate, client: Any) -> None:
+        super().__init__(gate)
+        self.scripts = {name: client.register_script(getattr(self, name)) for name in ("TAKE", "GIVE", "RENEW")}
+        self.renewing: asyncio.Task[None] | None = None
+        self.lease = int(STREAM_LEASE * 1000)  # milliseconds
+
+    @staticmethod
+    def keys(who: str) -> list[str]:
+        return [f"chat:budget:{who}", f"chat:streams:{who}"]
+
+    async def take(self, who: str, turn: Turn) -> float:
+        limits = [USER_REQUESTS_PER_MINUTE or 0, USER_TOKENS_PER_MINUTE or 0, USER_MAX_STREAMS or 0]
+        try:
+            wait = await self.scripts["TAKE"](self.keys(who), [*limits, turn.id, self.lease])
+        except redis.exceptions.RedisError as exc:
+            raise StoreUnavailable(f"Redis: {exc}") from exc
+        if not wait and USER_MAX_STREAMS and (self.renewing is None or self.renewing.done()):
+            self.renewing = asyncio.create_task(self.renew())
+        return wait / 1e6
+
+    def give(self, who: str, turn: Turn, tokens: int) -> None:
+        if USER_MAX_STREAMS or (USER_TOKENS_PER_MINUTE and tokens):
+            call = self.scripts["GIVE"](self.keys(who), [turn.id, USER_TOKENS_PER_MINUTE or 0, tokens])
+            background(self.quietly(call))
+
+    async def renew(self) -> None:
+        """While answers admitted here stream, their leases, renewed every STREAM_LEASE / 3 seconds."""
+        while True:
+            await asyncio.sleep(STREAM_LEASE / 3)
+            if not self.charged:
+                return
+            keys = [self.keys(who)[1] for who in self.charged.values()]
+            await self.quietly(self.scripts["RENEW"](keys, [self.lease, *(turn.id for turn in self.charged)]))
+
+    async def quietly(self, call: Any) -> None:
+        try:
+            await call
+        except redis.exceptions.RedisError as exc:  # the tokens go uncounted; a stream's place ends with its lease
+            log.debug("could not write a budget to Redis: %s", exc)
+
+
+if USER_REQUESTS_PER_MINUTE or USER_TOKENS_PER_MINUTE or USER_MAX_STREAMS:
+    GATE = RedisBudgets(GATE, STORE.redis) if hasattr(STORE, "redis") else Budgets(GATE)
+
+
 # --- metrics and JSON logs: GET /metrics for Prometheus, named as OpenTelemetry's GenAI conventions name them; and
 # LOG_FORMAT=json, every line the process writes one JSON object
 
@@ -2451,6 +2651,14 @@ REASONING_CHARS = Counter(
     [MODEL_LABEL],
     registry=REGISTRY,
 )
+USER_LABELS = 100  # users a process's metrics name (by user_hash); answers of any more count as "other"
+USER_TOKENS = Counter(
+    "chat_stream_user_tokens",
+    f"Tokens per user (with signed tokens: a short hash of sub, for the first {USER_LABELS}; then other), as the model"
+    " reported them.",
+    ["user", "gen_ai_token_type"],
+    registry=REGISTRY,
+)
 UPSTREAM_RETRIES = Counter(
     "chat_stream_upstream_retries",
     "Bedrock requests botocore sent again (throttling, 5xx, connection errors).",
@@ -2473,12 +2681,16 @@ OUTCOMES = ("end", "cancelled", "disconnected", "throttled", "access_denied", "m
 OUTCOMES += ("internal", "too_large", "session_in_use")  # (the last: another process took the session as it began)
 for outcome in OUTCOMES:  # every way an answer can end, at 0 from the start, so that a rate over them is defined
     ANSWERS.labels(outcome)
-for code in ("invalid_request", "too_large", "busy", "session_in_use", "not_found", "unavailable"):
+for code in ("invalid_request", "too_large", "busy", "session_in_use", "not_found", "unavailable", "rate_limited"):
     REFUSALS.labels(code)
 
 
 class PrometheusMeter(Meter):
     """The reference's meter, feeding Prometheus from the same calls: the log line and the metrics cannot disagree."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.users: set[str] = set()  # the users named in USER_TOKENS, at most USER_LABELS
 
     def answered(
         self, session: Session, turn: Turn, outcome: str, took: float, first: float | None, usage: dict, reported: bool
@@ -2492,6 +2704,12 @@ class PrometheusMeter(Meter):
             if reported and key in usage:
                 TOKENS.labels(BEDROCK_MODEL_ID, kind).observe(usage[key])
         REASONING_CHARS.labels(BEDROCK_MODEL_ID).inc(reasoning_chars(turn))
+        if session.user is not None and reported:
+            user = user_hash(session.user)
+            if user not in self.users and len(self.users) < USER_LABELS:
+                self.users.add(user)
+            for key in ("input_tokens", "output_tokens"):
+                USER_TOKENS.labels(user if user in self.users else "other", TOKEN_TYPES[key]).inc(usage[key])
 
     def refused(self, code: str) -> None:
         super().refused(code)
@@ -2881,7 +3099,8 @@ function connect() {
       const kept = frame.type === "end" && !!answer && !!answer.source;  // the server keeps the turn
       if (answer && !answer.source) answer.remove();
       else if (kept) saved.setItem("answers", answers() + 1);
-      if (frame.type === "error") note("error", `${frame.message} (${frame.code})`, true, kept ? null : asked);
+      const wait = frame.retry_after ? ` Ask again in ${Math.ceil(frame.retry_after)} s.` : "";  // rate_limited
+      if (frame.type === "error") note("error", `${frame.message} (${frame.code})${wait}`, true, kept ? null : asked);
       else if (frame.stop_reason === "cancelled") note("note", "Stopped.", true, kept ? null : asked);
       asked = null;
       if (frame.history_trimmed)  // the model no longer sees the start of the conversation: say so

@@ -3392,6 +3392,224 @@ def test_refresh_and_expiry(signed_server: Server, bedrock: FakeBedrock) -> None
         assert ask(kept, "still here")[-1]["full_text"] == echo("still here")  # refreshed: open past the first exp
 
 
+# --- budgets: each user's questions and tokens a minute and answers at once, at their edges, in one process and
+# across two on one Redis; retry_after as honest as a clock can check it; users who stay within theirs unaffected
+
+RATE_LIMITED = "You have asked too much for now; ask again after retry_after seconds."
+
+
+def limited(frame: dict[str, Any], session_id: str) -> float:
+    """The retry_after of a rate_limited refusal (asserting it is one: the whole frame, and nothing before it)."""
+    retry_after = frame.get("retry_after")
+    assert frame == {"type": "error", "session_id": session_id, "code": "rate_limited", "message": RATE_LIMITED,
+                     "retry_after": retry_after}, frame  # fmt: skip
+    assert isinstance(retry_after, float | int) and retry_after > 0 and round(retry_after, 3) == retry_after
+    return retry_after
+
+
+def budgeted(request: pytest.FixtureRequest, where: str, **limits: Any) -> list[Server]:
+    """One process (its memory), or two on one redis-server, with these limits and signed tokens."""
+    tmp = request.getfixturevalue("tmp_path_factory")
+    settings = {"BEDROCK_ENDPOINT_URL": request.getfixturevalue("bedrock").url, **SIGNED, **limits}
+    settings |= {"MAX_TOKENS": 1024, "MAX_HISTORY_MESSAGES": 40}  # room for a minute's worth of tokens, and turns
+    if where == "redis":
+        settings["REDIS_URL"] = request.getfixturevalue("store").url
+        return request.getfixturevalue("exit_stack").enter_context(two_processes(tmp, **settings))
+    return [request.getfixturevalue("exit_stack").enter_context(run_server(tmp.mktemp("budget"), **settings))] * 2
+
+
+@pytest.fixture
+def exit_stack() -> Iterator[contextlib.ExitStack]:
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
+# USER_REQUESTS_PER_MINUTE=20: a bucket of 20 questions that refills one every 3 s. Alice's 20 are admitted (with
+# Redis, 10 on each process); her 21st is refused on either process, with the same retry_after (3 s after her first,
+# less the time taken), and no model call; bob, meanwhile, asks. Asked again before retry_after it is refused again,
+# retry_after having gone down by the time waited; after it, admitted, in the same session, whose history holds no
+# refused question; then refused again, 3 s to wait.
+@pytest.mark.parametrize("where", ["memory", "redis"])
+def test_requests_per_minute(request: pytest.FixtureRequest, bedrock: FakeBedrock, where: str) -> None:
+    a, b = budgeted(request, where, USER_REQUESTS_PER_MINUTE=20)
+    with (
+        connect(a.ws_url, additional_headers=as_user(f"alice-{where}")) as on_a,
+        connect(b.ws_url, additional_headers=as_user(f"alice-{where}")) as on_b,
+        connect(a.ws_url, additional_headers=as_user(f"bob-{where}")) as bob,
+    ):
+        first = time.monotonic()
+        for i in range(20):
+            assert ask((on_a, on_b)[i % 2], f"q{i} {where}", f"r{i % 2}-{where}")[-1]["type"] == "end"
+        refused = f"one too many {where}"
+        waits = [limited(ask(ws, refused, f"r{n}-{where}")[0], f"r{n}-{where}") for n, ws in enumerate((on_a, on_b))]
+        assert 3 - (time.monotonic() - first) - 0.05 < waits[0] <= 3 and abs(waits[0] - waits[1]) < 0.5, waits
+        assert not bedrock.calls_for(refused)
+        assert ask(bob, f"bob asks {where}", f"bob-{where}")[-1]["full_text"] == echo(f"bob asks {where}")
+        asked_at = time.monotonic()
+        time.sleep(max(0.0, waits[1] - 1.2))
+        again = limited(ask(on_a, refused, f"r0-{where}")[0], f"r0-{where}")
+        assert again < waits[1] - (time.monotonic() - asked_at) + 0.2 and again > 0.5, (again, waits)
+        time.sleep(again)
+        frames = ask(on_a, f"after the wait {where}", f"r0-{where}")
+        assert frames[-1]["full_text"] == echo(f"after the wait {where}")
+        sent = bedrock.calls_for(f"after the wait {where}")[0].body["messages"]
+        assert [m["content"][0]["text"] for m in sent[::2]] == [f"q{i} {where}" for i in range(0, 20, 2)] + [
+            f"after the wait {where}"
+        ]
+        assert 2.5 < limited(ask(on_b, refused, f"r1-{where}")[0], f"r1-{where}") <= 3
+
+
+# USER_TOKENS_PER_MINUTE=600 (input + output, as Bedrock reports them): one answer that spends 610 streams whole (a
+# limit never cuts an answer); the next question waits for the bucket to refill past empty, 11 tokens at 0.1 s each,
+# and is admitted when retry_after says (on the other process, with Redis). Bob's bucket is his own.
+@pytest.mark.parametrize("where", ["memory", "redis"])
+def test_tokens_per_minute(request: pytest.FixtureRequest, bedrock: FakeBedrock, where: str) -> None:
+    a, b = budgeted(request, where, USER_TOKENS_PER_MINUTE=600)
+    bedrock.replies[big := f"a minute's worth {where}"] = Reply(tokens=[f" t{i}" for i in range(600)])
+    with (
+        connect(a.ws_url, additional_headers=as_user(f"carol-{where}")) as on_a,
+        connect(b.ws_url, additional_headers=as_user(f"carol-{where}")) as on_b,
+        connect(b.ws_url, additional_headers=as_user(f"dave-{where}")) as dave,
+    ):
+        end = ask(on_a, big, f"t-{where}")[-1]
+        assert end["usage"]["input_tokens"] + end["usage"]["output_tokens"] == 610 and len(end["full_text"]) > 2000
+        ended = time.monotonic()
+        wait = limited(ask(on_b, f"next {where}", f"u-{where}")[0], f"u-{where}")
+        assert 1.1 - (time.monotonic() - ended) - 0.3 < wait <= 1.1, wait
+        assert ask(dave, big, f"d-{where}")[-1]["usage"]["output_tokens"] == 600  # his own bucket: full
+        time.sleep(max(0.0, wait - (time.monotonic() - ended) + 0.05))
+        assert ask(on_b, f"next {where}", f"u-{where}")[-1]["full_text"] == echo(f"next {where}")
+    assert len(bedrock.calls_for(f"next {where}")) == 1
+
+
+# USER_MAX_STREAMS=2: two of erin's answers stream (with Redis, one on each process); her third question, on a third
+# connection, is refused with retry_after 1, while frank asks; once one of hers ends, she may ask again. A question
+# refused after it was counted (with Redis, in a session another process holds: session_in_use) frees its place.
+@pytest.mark.parametrize("where", ["memory", "redis"])
+def test_max_streams(request: pytest.FixtureRequest, bedrock: FakeBedrock, where: str) -> None:
+    a, b = budgeted(request, where, USER_MAX_STREAMS=2)
+    bedrock.replies[slow := f"slow for erin {where}"] = Reply(tokens=[f" s{i}" for i in range(30)], delay=0.1)
+    erin = as_user(f"erin-{where}")
+    with (
+        connect(a.ws_url, additional_headers=erin) as one,
+        connect(b.ws_url, additional_headers=erin) as two,
+        connect(a.ws_url, additional_headers=erin) as three,
+        connect(b.ws_url, additional_headers=as_user(f"frank-{where}")) as frank,
+    ):
+        one.send(json.dumps({"question": slow, "session_id": f"erin-{where}"}))
+        assert json.loads(one.recv(timeout=5))["type"] == "start"
+        assert ask(two, f"in her other session {where}", f"erin-{where}")[-1]["code"] == "session_in_use"
+        two.send(json.dumps({"question": slow}))
+        assert json.loads(two.recv(timeout=5))["type"] == "start"
+        assert limited(ask(three, f"a third {where}", f"x-{where}")[0], f"x-{where}") == 1
+        assert (end := ask(frank, f"frank {where}", f"frank-{where}")[-1])["type"] == "end", end
+        assert read_answer(one)[-1]["full_text"] == "".join(f" s{i}" for i in range(30))
+        assert ask(three, f"a third {where}", f"x-{where}")[-1]["full_text"] == echo(f"a third {where}")
+        assert read_answer(two)[-1]["type"] == "end"
+    assert not bedrock.calls_for(f"in her other session {where}")
+
+
+# With Redis, a streaming answer keeps its place past the lease (10 s), as the process reading it renews it; a process
+# killed mid-answer leaves its places for the lease at most (while the user's answer on the other process goes on):
+# then the user may ask on the other process again.
+def test_max_streams_lease(request: pytest.FixtureRequest, bedrock: FakeBedrock) -> None:
+    a, b = budgeted(request, "redis", USER_MAX_STREAMS=2)
+    bedrock.replies[slow := "slow, then killed"] = Reply(tokens=[f" k{i}" for i in range(600)], delay=0.05)
+    with (
+        connect(a.ws_url, additional_headers=as_user("grace")) as on_a,
+        connect(b.ws_url, additional_headers=as_user("grace")) as on_b,
+        connect(b.ws_url, additional_headers=as_user("grace")) as other,
+    ):
+        for ws in (on_a, on_b):
+            ws.send(json.dumps({"question": slow}))
+            assert json.loads(ws.recv(timeout=5))["type"] == "start"
+        started = time.monotonic()
+        assert limited(ask(other, "while they stream", "grace")[0], "grace") == 1
+        time.sleep(max(0.0, 12 - (time.monotonic() - started)))
+        assert limited(ask(other, "past the lease", "grace")[0], "grace") == 1  # both renewed
+        os.killpg(a.process.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while (frame := ask(other, "after the kill", "grace")[-1])["type"] != "end":
+            assert limited(frame, "grace") == 1 and time.monotonic() - killed < 15, "the place was never freed"
+            time.sleep(0.5)
+        assert 5 < time.monotonic() - killed < 14  # its lease ran out; it was not freed at once
+        assert json.loads(on_b.recv(timeout=5))["type"] == "token"  # the other answer streams on
+
+
+# Twenty users ask at once, five questions each (USER_REQUESTS_PER_MINUTE=5), on two processes; one of them, henry,
+# asks eight: his last three are refused, every other question is answered whole.
+def test_twenty_users_one_over(request: pytest.FixtureRequest, bedrock: FakeBedrock) -> None:
+    servers = budgeted(request, "redis", USER_REQUESTS_PER_MINUTE=5)
+
+    async def user(n: int) -> list[str]:
+        name, asks = ("henry", 8) if n == 0 else (f"user{n}", 5)
+        url, headers = servers[n % 2].ws_url, as_user(name)
+        async with websockets.connect(url, additional_headers=headers) as ws:
+            outcomes = []
+            for i in range(asks):
+                await ws.send(json.dumps({"question": f"{name} asks {i}", "session_id": name}))
+                while (frame := json.loads(await asyncio.wait_for(ws.recv(), 10)))["type"] not in ("end", "error"):
+                    pass
+                ok = frame["type"] == "end" and frame["full_text"] == echo(f"{name} asks {i}")
+                outcomes.append("end" if ok else frame.get("code", "?"))
+            return outcomes
+
+    async def everyone() -> list[list[str]]:
+        return await asyncio.gather(*(user(n) for n in range(20)))
+
+    outcomes = run_async(everyone())
+    assert outcomes[0] == ["end"] * 5 + ["rate_limited"] * 3
+    assert outcomes[1:] == [["end"] * 5] * 19
+    assert not [c for i in range(5, 8) for c in bedrock.calls_for(f"henry asks {i}")]
+
+
+# Without signed tokens a budget is the client address's, as uvicorn's proxy headers give it: with
+# FORWARDED_ALLOW_IPS trusting the loopback proxy (uvicorn's default), each X-Forwarded-For address has its own;
+# trusting another address, every client is 127.0.0.1 and they share one. With CHAT_API_KEY, all who have the key
+# share its budget.
+@pytest.mark.parametrize("trusted,shared", [("127.0.0.1", False), ("10.9.9.9", True), ("key", True)])
+def test_budgets_without_tokens(bedrock: FakeBedrock, tmp_path: Path, trusted: str, shared: bool) -> None:
+    settings = {"BEDROCK_ENDPOINT_URL": bedrock.url, "USER_REQUESTS_PER_MINUTE": 2}
+    settings |= {"CHAT_API_KEY": API_KEY} if trusted == "key" else {"FORWARDED_ALLOW_IPS": trusted}
+    key = {"Authorization": f"Bearer {API_KEY}"} if trusted == "key" else {}
+    with run_server(tmp_path, **settings) as server:
+        with (
+            connect(server.ws_url, additional_headers={"X-Forwarded-For": "203.0.113.7", **key}) as one,
+            connect(server.ws_url, additional_headers={"X-Forwarded-For": "203.0.113.8", **key}) as two,
+        ):
+            assert [ask(one, f"one {i} {trusted}", "s1")[-1]["type"] for i in range(2)] == ["end", "end"]
+            assert ask(one, f"one more {trusted}", "s1")[-1]["code"] == "rate_limited"
+            assert ask(two, f"two {trusted}", "s2")[-1].get("code") == ("rate_limited" if shared else None)
+
+
+# /metrics: rate_limited refusals counted by code; each user's tokens under a short hash of its sub, never the sub,
+# for the first 100 users of a process, the rest together as "other" (the label set stays bounded).
+def test_budget_metrics(bedrock: FakeBedrock, tmp_path: Path) -> None:
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, USER_REQUESTS_PER_MINUTE=1, **SIGNED) as server:
+        assert by(scrape(server)["chat_stream_refusals_total"], "code")["rate_limited"] == 0
+
+        async def one(n: int) -> None:
+            async with websockets.connect(server.ws_url, additional_headers=as_user(f"reader-{n}")) as ws:
+                for question in (f"counted {n}", f"refused {n}"):
+                    await ws.send(json.dumps({"question": question}))
+                    while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] not in ("end", "error"):
+                        pass
+
+        async def all_of_them() -> None:
+            for first in range(0, 105, 35):
+                await asyncio.gather(*(one(n) for n in range(first, min(first + 35, 105))))
+
+        run_async(all_of_them())
+        samples = scrape(server)
+        assert by(samples["chat_stream_refusals_total"], "code")["rate_limited"] == 105
+        users = {dict(labels)["user"]: value for labels, value in samples["chat_stream_user_tokens_total"].items()
+                 if dict(labels)["gen_ai_token_type"] == "output"}  # fmt: skip
+        assert len(users) == 101 and users.pop("other") == 5 * len(echo_tokens("counted 1"))
+        named = {hashlib.sha256(f"reader-{n}".encode()).hexdigest()[:12] for n in range(105)}
+        assert set(users) <= named and set(users.values()) == {len(echo_tokens("counted 1"))}
+        assert "reader-" not in httpx.get(f"{server.http}/metrics").text
+
+
 # --- metrics and JSON logs: /metrics read with prometheus-client's own parser; every line one JSON object
 
 
@@ -3399,7 +3617,7 @@ ANSWER_OUTCOMES = ["end", "cancelled", "disconnected", "throttled", "access_deni
 ANSWER_OUTCOMES += ["timeout", "internal", "too_large", "session_in_use"]
 
 
-REFUSAL_CODES = ["invalid_request", "too_large", "busy", "session_in_use", "not_found", "unavailable"]
+REFUSAL_CODES = ["invalid_request", "too_large", "busy", "session_in_use", "not_found", "unavailable", "rate_limited"]
 
 
 ANSWER_FIELDS = {"session_id": str, "turn_id": str, "model": str, "ttft_ms": int, "duration_ms": int}
@@ -3891,6 +4109,21 @@ def test_page_with_a_signed_token(page: Any, signed_server: Server) -> None:
     page.goto(f"{signed_server.http}/?token={signed(exp=int(time.time()) - 60)}")
     reason = "refused: the token in ?token= is not valid (expired, or not this server's)"
     expect(page.locator("#state")).to_have_text(reason)
+
+
+# With budgets, the page says when to ask again: a rate_limited refusal shows its message, code and wait (retry_after
+# rounded up: USER_REQUESTS_PER_MINUTE=1 refills in 60 s), and the page stays usable.
+@needs_chromium
+def test_page_says_when_to_ask_again(page: Any, bedrock: FakeBedrock, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, USER_REQUESTS_PER_MINUTE=1, **SIGNED) as server:
+        open_chat(page, f"{server.http}/?token={signed(sub='page-user')}")
+        ask_on_page(page, "the only one this minute")
+        expect(page.locator(".bot").last).to_have_text(echo("the only one this minute"))
+        ask_on_page(page, "one more")
+        expect(page.locator(".error")).to_have_text(f"{RATE_LIMITED} (rate_limited) Ask again in 60 s.")
+        expect(page.locator("#state")).to_have_text("connected")
 
 
 # The page follows the newest text while the reader is at the bottom (tokens as they stream, the "Stopped." note, an
