@@ -2443,8 +2443,10 @@ class Budgets:
 
 
 class RedisBudgets(Budgets):
-    """The budgets in Redis, shared by every process with the same REDIS_URL, each question taken in one script call
-    (times in microseconds, from Redis's clock). Keys:
+    """The budgets in Redis, shared by every process with the same REDIS_URL (times in microseconds, from Redis's
+    clock). Questions are taken in script calls, one at a time: each call takes every question that came while the
+    one before was on its way (one round trip per question at most; a burst of 200 questions, in two). The tokens of
+    the answers that ended go the same way, off the questions' path. Keys:
 
       chat:budget:{user}   hash: q and t, when the user's questions' and tokens' buckets are full; it expires then
       chat:streams:{user}  sorted set: the user's answers streaming (turn ids), each scored with the end of its lease
@@ -2454,36 +2456,48 @@ class RedisBudgets(Budgets):
     TAKE = """
         local now = redis.call('TIME')
         now = now[1] * 1e6 + now[2]
-        local bucket = redis.call('HMGET', KEYS[1], 'q', 't')
-        local questions = math.max(tonumber(bucket[1]) or 0, now)
-        local tokens = math.max(tonumber(bucket[2]) or 0, now)
-        local per_minute, most, wait = {tonumber(ARGV[1]), tonumber(ARGV[2])}, tonumber(ARGV[3]), 0
-        for i, full_at in ipairs({questions, tokens}) do
-            if per_minute[i] > 0 then wait = math.max(wait, full_at - now - 60e6 + 60e6 / per_minute[i]) end
+        local per_minute, most, lease = {tonumber(ARGV[1]), tonumber(ARGV[2])}, tonumber(ARGV[3]), tonumber(ARGV[4])
+        local waits = {}
+        for i = 1, #KEYS / 2 do
+            local budget, streams = KEYS[2 * i - 1], KEYS[2 * i]
+            local bucket = redis.call('HMGET', budget, 'q', 't')
+            local questions = math.max(tonumber(bucket[1]) or 0, now)
+            local tokens = math.max(tonumber(bucket[2]) or 0, now)
+            local wait = 0
+            for j, full_at in ipairs({questions, tokens}) do
+                if per_minute[j] > 0 then wait = math.max(wait, full_at - now - 60e6 + 60e6 / per_minute[j]) end
+            end
+            if most > 0 then
+                redis.call('ZREMRANGEBYSCORE', streams, '-inf', now)  -- leases that ended: their processes died
+                if redis.call('ZCARD', streams) >= most then wait = math.max(wait, 1e6) end
+            end
+            if wait <= 0 then
+                if per_minute[1] > 0 then questions = questions + 60e6 / per_minute[1] end
+                redis.call('HSET', budget, 'q', string.format('%.0f', questions), 't', string.format('%.0f', tokens))
+                redis.call('PEXPIRE', budget, math.ceil((math.max(questions, tokens) - now) / 1000) + 1000)
+                if most > 0 then
+                    redis.call('ZADD', streams, string.format('%.0f', now + lease * 1000), ARGV[4 + i])
+                    redis.call('PEXPIRE', streams, lease)
+                end
+            end
+            waits[i] = math.max(0, math.ceil(wait))
         end
-        if most > 0 then
-            redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)  -- leases that ended: their processes died
-            if redis.call('ZCARD', KEYS[2]) >= most then wait = math.max(wait, 1e6) end
-        end
-        if wait > 0 then return math.ceil(wait) end
-        if per_minute[1] > 0 then questions = questions + 60e6 / per_minute[1] end
-        redis.call('HSET', KEYS[1], 'q', string.format('%.0f', questions), 't', string.format('%.0f', tokens))
-        redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(questions, tokens) - now) / 1000) + 1000)
-        if most > 0 then
-            redis.call('ZADD', KEYS[2], string.format('%.0f', now + ARGV[5] * 1000), ARGV[4])
-            redis.call('PEXPIRE', KEYS[2], ARGV[5])
-        end
-        return 0"""
+        return waits"""
     GIVE = """
-        redis.call('ZREM', KEYS[2], ARGV[1])
-        local per_minute, tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
-        if per_minute == 0 or tokens == 0 then return 0 end
         local now = redis.call('TIME')
         now = now[1] * 1e6 + now[2]
-        local bucket = redis.call('HMGET', KEYS[1], 'q', 't')
-        local full_at = math.max(tonumber(bucket[2]) or 0, now) + tokens * 60e6 / per_minute
-        redis.call('HSET', KEYS[1], 't', string.format('%.0f', full_at))
-        redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(tonumber(bucket[1]) or 0, full_at) - now) / 1000) + 1000)
+        local per_minute = tonumber(ARGV[1])
+        for i = 1, #KEYS / 2 do
+            local budget, turn, tokens = KEYS[2 * i - 1], ARGV[2 * i], tonumber(ARGV[2 * i + 1])
+            redis.call('ZREM', KEYS[2 * i], turn)
+            if per_minute > 0 and tokens > 0 then
+                local bucket = redis.call('HMGET', budget, 'q', 't')
+                local full_at = math.max(tonumber(bucket[2]) or 0, now) + tokens * 60e6 / per_minute
+                redis.call('HSET', budget, 't', string.format('%.0f', full_at))
+                local ttl = math.ceil((math.max(tonumber(bucket[1]) or 0, full_at) - now) / 1000) + 1000
+                redis.call('PEXPIRE', budget, ttl)
+            end
+        end
         return 0"""
     RENEW = """
         local now = redis.call('TIME')
@@ -2497,27 +2511,55 @@ class RedisBudgets(Budgets):
     def __init__(self, gate: Gate, client: Any) -> None:
         super().__init__(gate)
         self.scripts = {name: client.register_script(getattr(self, name)) for name in ("TAKE", "GIVE", "RENEW")}
-        self.renewing: asyncio.Task[None] | None = None
         self.lease = int(STREAM_LEASE * 1000)  # milliseconds
+        self.asking: list[tuple[str, Turn, asyncio.Future[float]]] = []  # questions for the next TAKE
+        self.given: list[tuple[str, Turn, int]] = []  # answers over, for the next GIVE
+        self.tasks: dict[str, asyncio.Task[None] | None] = dict.fromkeys(("take", "give", "renew"))
 
     @staticmethod
     def keys(who: str) -> list[str]:
         return [f"chat:budget:{who}", f"chat:streams:{who}"]
 
+    def run(self, name: str, work: Callable[[], Any]) -> None:
+        """`work` in a task of its own, unless one runs already (it then finds what was added meanwhile)."""
+        if (task := self.tasks[name]) is None or task.done():
+            self.tasks[name] = asyncio.create_task(work())
+
     async def take(self, who: str, turn: Turn) -> float:
-        limits = [USER_REQUESTS_PER_MINUTE or 0, USER_TOKENS_PER_MINUTE or 0, USER_MAX_STREAMS or 0]
-        try:
-            wait = await self.scripts["TAKE"](self.keys(who), [*limits, turn.id, self.lease])
-        except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(f"Redis: {exc}") from exc
-        if not wait and USER_MAX_STREAMS and (self.renewing is None or self.renewing.done()):
-            self.renewing = asyncio.create_task(self.renew())
-        return wait / 1e6
+        self.asking.append((who, turn, taken := asyncio.get_running_loop().create_future()))
+        self.run("take", self.take_all)
+        if not (wait := await taken) and USER_MAX_STREAMS:
+            self.run("renew", self.renew)
+        return wait
+
+    async def take_all(self) -> None:
+        while self.asking:
+            batch, self.asking = self.asking, []
+            keys = [key for who, _, _ in batch for key in self.keys(who)]
+            limits = [USER_REQUESTS_PER_MINUTE or 0, USER_TOKENS_PER_MINUTE or 0, USER_MAX_STREAMS or 0, self.lease]
+            try:
+                waits = await self.scripts["TAKE"](keys, [*limits, *(turn.id for _, turn, _ in batch)])
+            except Exception as exc:  # Redis failed: "unavailable"; anything else is a bug, raised for each question
+                failed = StoreUnavailable(f"Redis: {exc}") if isinstance(exc, redis.exceptions.RedisError) else exc
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(failed)
+                continue
+            for (_, _, future), wait in zip(batch, waits, strict=True):
+                if not future.done():  # (its connection closed meanwhile: its place ends with its lease)
+                    future.set_result(wait / 1e6)
 
     def give(self, who: str, turn: Turn, tokens: int) -> None:
         if USER_MAX_STREAMS or (USER_TOKENS_PER_MINUTE and tokens):
-            call = self.scripts["GIVE"](self.keys(who), [turn.id, USER_TOKENS_PER_MINUTE or 0, tokens])
-            background(self.quietly(call))
+            self.given.append((who, turn, tokens))
+            self.run("give", self.give_all)
+
+    async def give_all(self) -> None:
+        while self.given:
+            batch, self.given = self.given, []
+            keys = [key for who, _, _ in batch for key in self.keys(who)]
+            args = [arg for _, turn, tokens in batch for arg in (turn.id, tokens)]
+            await self.quietly(self.scripts["GIVE"](keys, [USER_TOKENS_PER_MINUTE or 0, *args]))
 
     async def renew(self) -> None:
         """While answers admitted here stream, their leases, renewed every STREAM_LEASE / 3 seconds."""
