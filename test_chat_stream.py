@@ -3021,28 +3021,29 @@ def test_sigkill_mid_answer(store: RedisServer, bedrock: FakeBedrock, tmp_path: 
     print(f"SIGKILL to unavailable: {waited:.1f} s")
 
 
-# Redis lost while running: questions get unavailable, /healthz says 503, the answer being streamed still reaches
-# its client, nothing crashes; when Redis is back, service resumes by itself.
+# Redis lost while running: questions get unavailable (one asked at once, before the store has noticed, from the
+# budget's call), /healthz says 503, the answer being streamed still reaches its client, nothing crashes; when Redis
+# is back, service resumes by itself.
 def test_redis_lost_and_back(own_store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
     lost = own_store
     settings = {**DEFAULTS, "SESSION_TTL": 60, "RESUME_GRACE": 10, "REDIS_URL": lost.url}
+    settings |= {"USER_REQUESTS_PER_MINUTE": 100, "USER_MAX_STREAMS": 5}  # budgets in Redis too
+    unavailable = {"code": "unavailable", "message": "Sessions cannot be stored right now; try again shortly."}
     with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server, connect(server.ws_url) as ws:
         tokens = [f" lost{i}" for i in range(60)]
         bedrock.replies["while redis goes"] = Reply(tokens=tokens, delay=0.02)
         ws.send(json.dumps({"question": "while redis goes", "session_id": "outage"}))
         assert json.loads(ws.recv(timeout=5))["type"] == "start"
-        lost.stop()
+        with connect(server.ws_url) as other:
+            lost.stop()
+            other.send(json.dumps({"question": "anyone there", "session_id": "at once"}))  # the budget's call fails
+            assert json.loads(other.recv(timeout=10)) == {"type": "error", "session_id": "at once", **unavailable}
         wait_for(lambda: httpx.get(f"{server.http}/healthz").status_code == 503, 5, "/healthz to say 503")
         assert httpx.get(f"{server.http}/healthz").json()["status"] == "store_unavailable"
         assert read_answer(ws)[-1]["full_text"] == "".join(tokens)
         for session_id in ("outage", "another"):
             ws.send(json.dumps({"question": "anyone there", "session_id": session_id}))
-            assert json.loads(ws.recv(timeout=10)) == {
-                "type": "error",
-                "session_id": session_id,
-                "code": "unavailable",
-                "message": "Sessions cannot be stored right now; try again shortly.",
-            }
+            assert json.loads(ws.recv(timeout=10)) == {"type": "error", "session_id": session_id, **unavailable}
         lost.start()
         wait_for(lambda: healthy(server.http), 10, "/healthz to say 200 again")
         assert ask(ws, "back again", "outage")[-1]["full_text"] == echo("back again")
