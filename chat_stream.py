@@ -47,6 +47,7 @@ import asyncio
 import hashlib
 import heapq
 import hmac
+import inspect
 import ipaddress
 import json
 import logging
@@ -419,7 +420,11 @@ def client_of(ws: WebSocket) -> str:
         address = ipaddress.ip_address(host)
     except ValueError:
         return host
-    return str(ipaddress.ip_network(f"{host}/64", strict=False)) if address.version == 6 else host
+    if address.version == 4:
+        return host
+    if address.ipv4_mapped:  # an IPv4 client of a socket that takes both, as ::ffff:a.b.c.d
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{host}/64", strict=False))
 
 
 def new_session(session_id: str | None, ws: WebSocket, question: str) -> Session:
@@ -538,7 +543,10 @@ def halt(turn: Turn, why: str) -> bool:
     if turn not in STREAMS or turn.stopped is not None or turn.task.cancelling():
         return False
     turn.stopped = why
-    turn.task.cancel()
+    if inspect.getcoroutinestate(turn.task.get_coro()) == inspect.CORO_CREATED:  # subtle: a task cancelled before its
+        asyncio.get_running_loop().call_soon(turn.task.cancel)  # first step never runs (no final frame, nothing
+    else:  # spent): cancelled once it has begun (a cancel in the same read as its question)
+        turn.task.cancel()
     return True
 
 
@@ -1173,7 +1181,7 @@ async def answer(session: Session, turn: Turn) -> None:
         # deltas read
         took, first = time.perf_counter() - started, turn.first_token_at and turn.first_token_at - started
         METER.answered(session, turn, outcome, took, first, billed, reported=usage is not None)  # (a cancel) the
-        GATE.spent(turn, billed)
+        GATE.spent(turn, usage)
         usage = dict.fromkeys(CACHE_USAGE, 0) | billed
     if outcome in ("end", "cancelled"):
         end = {"type": "end", "session_id": session.id, "turn_id": turn.id, "full_text": text_of(turn)}
@@ -1443,7 +1451,8 @@ class Gate:
         """A question from `ws`, before the model is asked: raise BadRequest (for `session_id`) to refuse it."""
 
     def spent(self, turn: Turn, usage: dict[str, int] | None) -> None:
-        """The answer to a question admitted is over: what it spent, or None if the model was never asked."""
+        """The answer to a question admitted is over: its usage as the model reported it; None if the model never did
+        (it was cut short, it failed, or it was never asked: then turn.task is None)."""
 
 
 GATE = Gate()
@@ -1555,30 +1564,45 @@ async def handle(
         return await resume(ws, session, request["turn_id"], request["after"])
     elif session is not None and session.owner is not ws:  # (another user's: as if there were none)
         raise BadRequest("in_use" if session.user == GATE.user(ws) else "not_found", session_id)
-    elif len(STREAMS) >= MAX_CONCURRENT_STREAMS and not make_room():
-        raise BadRequest("busy", session_id)
-    elif session is not None and (why := room(0, ANSWER_BYTES + sys.getsizeof(request["question"]))):
-        raise BadRequest(why, session_id)
     else:
         question = request["question"]
-        session = session or new_session(session_id, ws, question)
-        new = session not in held
         turn = Turn(
             secrets.token_urlsafe(12), question, bytes=sys.getsizeof(question) + ANSWER_BYTES, reserved=ANSWER_BYTES
         )
+        await GATE.admit(ws, turn, session_id)  # a budget may refuse it (rate_limited), before the checks that hold
+        # what they find
         try:
-            await GATE.admit(ws, turn, session_id)  # a budget may refuse it (rate_limited): no model call
-            sending = await start_turn(ws, session, turn, chosen_id=new and session_id is not None)
-        except (BadRequest, StoreUnavailable):
-            if new:
-                drop(session)  # it was never recorded
-            raise
+            return await admitted(ws, session, session_id, turn, held)
         finally:
             if turn.task is None:  # the model was never asked
                 GATE.spent(turn, None)
-        held.add(session)
-        return sending
     return None
+
+
+async def admitted(
+    ws: WebSocket, session: Session | None, session_id: str | None, turn: Turn, held: set[Session]
+) -> asyncio.Task[None]:
+    """A question admitted: room for it, its session (a new one if none), and its turn, started. Each check holds what
+    it finds before anything is awaited, so that questions asked at once cannot all pass it."""
+    now = SESSIONS.get(session_id)
+    if now is not session:  # another connection made it, or took it, while the budget was asked
+        raise BadRequest("in_use" if now is None or now.user == GATE.user(ws) else "not_found", session_id)
+    if DRAINING.is_set():  # (the drain began meanwhile)
+        raise BadRequest("restarting", session_id)
+    if len(STREAMS) >= MAX_CONCURRENT_STREAMS and not make_room():
+        raise BadRequest("busy", session_id)
+    if session is not None and (why := room(0, turn.bytes)):
+        raise BadRequest(why, session_id)
+    session = session or new_session(session_id, ws, turn.question)
+    new = session not in held
+    try:
+        sending = await start_turn(ws, session, turn, chosen_id=new and session_id is not None)
+    except (BadRequest, StoreUnavailable):
+        if new:
+            drop(session)  # it was never recorded
+        raise
+    held.add(session)
+    return sending
 
 
 async def start_turn(ws: WebSocket, session: Session, turn: Turn, chosen_id: bool) -> asyncio.Task[None]:
@@ -2363,9 +2387,10 @@ USER_REQUESTS_PER_MINUTE = setting("USER_REQUESTS_PER_MINUTE", positive_int, Non
 USER_TOKENS_PER_MINUTE = setting("USER_TOKENS_PER_MINUTE", positive_int, None)  # tokens a user's answers may spend
 # (input + output, as Bedrock reports them)
 USER_MAX_STREAMS = setting("USER_MAX_STREAMS", positive_int, None)  # a user's answers streaming at once
-STREAM_LEASE = 10.0  # seconds a streaming answer's place lasts in Redis unless renewed (every 3 s, by the process
-# that reads it): one that dies frees its places
+STREAM_LEASE = 10.0  # seconds a streaming answer's place lasts in Redis unless renewed (every third of it, by the
+# process that reads it): one that dies frees its places
 ERRORS["rate_limited"] = ("rate_limited", "You have asked too much for now; ask again after retry_after seconds.")
+ERRORS["budget_down"] = ("unavailable", "Budgets cannot be counted right now; try again shortly.")
 
 
 def waiting(full_at: float, now: float, per_minute: int | None) -> float:
@@ -2373,13 +2398,15 @@ def waiting(full_at: float, now: float, per_minute: int | None) -> float:
     return 0.0 if per_minute is None else max(0.0, full_at - now - 60 + 60 / per_minute)
 
 
-class Budgets:
+class Budgets(Gate):
     """The gate it wraps, with a budget for each user: a per-minute limit is a bucket that holds a minute's worth and
     refills continuously (a minute's worth may come at once, then as it refills), as Anthropic and OpenAI meter their
     own APIs. A question is admitted while its user's buckets are not empty and fewer than USER_MAX_STREAMS of its
-    answers stream; the tokens an answer spent leave the bucket as it ends. So an answer that streams is never cut:
-    the bucket may go below empty, and the next question waits until it has refilled. `retry_after` is when the next
-    question would be admitted, nothing else changing (for USER_MAX_STREAMS, 1 s: when an answer ends is unknown).
+    answers stream. Its input, estimated, leaves the tokens' bucket as it is admitted (so that questions asked at once
+    cannot all pass on one token left), and the rest of what its answer spent as it ends. An answer that streams is
+    never cut: the bucket may go below empty, and the next question waits until it has refilled. `retry_after` is
+    when the next question would be admitted, nothing else changing (for USER_MAX_STREAMS, 1 s: when an answer ends
+    is unknown).
 
     A user is a signed token's `sub`; without tokens, whoever has CHAT_API_KEY (one budget for all who share it), or
     else a client address (client_of: an IPv6 one by its /64; behind a proxy, as uvicorn's FORWARDED_ALLOW_IPS lets
@@ -2390,11 +2417,24 @@ class Budgets:
         self.buckets: dict[str, list[float]] = {}  # by user: when its questions' and its tokens' buckets are full
         # (time.monotonic()); a user leaves once both are, and none of its answers streams
         self.streams: dict[str, int] = {}  # by user: its answers streaming
-        self.charged: dict[Turn, str] = {}  # the answers admitted and not over, and their users
+        self.charged: dict[Turn, tuple[str, int]] = {}  # the answers admitted and not over: their users, and the
+        # tokens taken for them as they were admitted
         self.sweep_at = 1024  # users with buckets before the full ones are forgotten
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.gate, name)  # the wrapped gate's check, user, refresh, ...
+    async def check(self, conn: HTTPConnection) -> tuple[int, str, str] | None:
+        return await self.gate.check(conn)
+
+    def subprotocol(self, ws: WebSocket) -> str | None:
+        return self.gate.subprotocol(ws)
+
+    def user(self, ws: WebSocket) -> str | None:
+        return self.gate.user(ws)
+
+    def watch(self, ws: WebSocket) -> asyncio.Task[None] | None:
+        return self.gate.watch(ws)
+
+    async def refresh(self, ws: WebSocket, token: str) -> dict[str, Any]:
+        return await self.gate.refresh(ws, token)
 
     def who(self, ws: WebSocket) -> str:
         if (user := self.gate.user(ws)) is not None:
@@ -2403,20 +2443,40 @@ class Budgets:
 
     async def admit(self, ws: WebSocket, turn: Turn, session_id: str | None) -> None:
         await self.gate.admit(ws, turn, session_id)
-        who = self.who(ws)
-        if (wait := await self.take(who, turn)) > 0:
+        who, reserve = self.who(ws), self.estimate(turn, SESSIONS.get(session_id))
+        try:
+            wait = await self.take(who, turn, reserve)
+        except StoreUnavailable:
+            raise BadRequest("budget_down", session_id) from None
+        if wait > 0:
             refused = BadRequest("rate_limited", session_id)
             refused.frame["retry_after"] = math.ceil(wait * 1000) / 1000  # seconds, to the millisecond above
             raise refused
-        self.charged[turn] = who
+        self.charged[turn] = who, reserve
+
+    @staticmethod
+    def estimate(turn: Turn, session: Session | None) -> int:
+        """The tokens a question will send, estimated as request() counts them (4 characters a token)."""
+        if not USER_TOKENS_PER_MINUTE:
+            return 0
+        history = sum(len(m.content) for m in session.history) // 4 if session else 0
+        return len(turn.question) // 4 + min(history, HISTORY_TOKENS)
 
     def spent(self, turn: Turn, usage: dict[str, int] | None) -> None:
         self.gate.spent(turn, usage)
-        if (who := self.charged.pop(turn, None)) is not None:
-            self.give(who, turn, usage["input_tokens"] + usage["output_tokens"] if usage else 0)
+        if (charged := self.charged.pop(turn, None)) is None:
+            return
+        who, reserved = charged
+        if usage:
+            tokens = usage["input_tokens"] + usage["output_tokens"]
+        elif turn.tokens or turn.stopped:  # cut short, the model's usage never came: what it read, estimated, and
+            tokens = count_tokens_approximately([*turn.context, HumanMessage(turn.question)]) + len(turn.tokens)
+        else:  # the deltas it wrote; none for a question the model refused (or was never asked)
+            tokens = 0
+        self.give(who, turn, tokens - reserved)
 
-    async def take(self, who: str, turn: Turn) -> float:
-        """Seconds until `who` may ask: 0, and the question counted, if it may now."""
+    async def take(self, who: str, turn: Turn, reserve: int) -> float:
+        """Seconds until `who` may ask: 0, and the question counted (with `reserve` tokens), if it may now."""
         now = time.monotonic()
         questions, tokens = (max(full_at, now) for full_at in self.buckets.get(who, (now, now)))
         wait = max(waiting(questions, now, USER_REQUESTS_PER_MINUTE), waiting(tokens, now, USER_TOKENS_PER_MINUTE))
@@ -2426,6 +2486,8 @@ class Budgets:
             return wait
         if USER_REQUESTS_PER_MINUTE:
             questions += 60 / USER_REQUESTS_PER_MINUTE
+        if USER_TOKENS_PER_MINUTE:
+            tokens += reserve * 60 / USER_TOKENS_PER_MINUTE
         if len(self.buckets) >= self.sweep_at:
             self.buckets = {u: b for u, b in self.buckets.items() if max(b) > now or self.streams.get(u)}
             self.sweep_at = max(1024, 2 * len(self.buckets))
@@ -2434,12 +2496,12 @@ class Budgets:
         return 0.0
 
     def give(self, who: str, turn: Turn, tokens: int) -> None:
-        """`turn` is over, and spent `tokens`."""
+        """`turn` is over, and spent `tokens` more than were taken as it was admitted (fewer, if negative)."""
         if (streams := self.streams.pop(who) - 1) > 0:
             self.streams[who] = streams
         if USER_TOKENS_PER_MINUTE and tokens:
-            bucket = self.buckets.setdefault(who, [0.0, 0.0])
-            bucket[1] = max(bucket[1], time.monotonic()) + tokens * 60 / USER_TOKENS_PER_MINUTE
+            bucket, now = self.buckets.setdefault(who, [0.0, 0.0]), time.monotonic()
+            bucket[1] = max(max(bucket[1], now) + tokens * 60 / USER_TOKENS_PER_MINUTE, now)
 
 
 class RedisBudgets(Budgets):
@@ -2473,10 +2535,14 @@ class RedisBudgets(Budgets):
             end
             if wait <= 0 then
                 if per_minute[1] > 0 then questions = questions + 60e6 / per_minute[1] end
-                redis.call('HSET', budget, 'q', string.format('%.0f', questions), 't', string.format('%.0f', tokens))
-                redis.call('PEXPIRE', budget, math.ceil((math.max(questions, tokens) - now) / 1000) + 1000)
+                if per_minute[2] > 0 then tokens = tokens + tonumber(ARGV[4 + 2 * i]) * 60e6 / per_minute[2] end
+                if per_minute[1] > 0 or per_minute[2] > 0 then
+                    local q, t = string.format('%.0f', questions), string.format('%.0f', tokens)
+                    redis.call('HSET', budget, 'q', q, 't', t)
+                    redis.call('PEXPIRE', budget, math.ceil((math.max(questions, tokens) - now) / 1000) + 1000)
+                end
                 if most > 0 then
-                    redis.call('ZADD', streams, string.format('%.0f', now + lease * 1000), ARGV[4 + i])
+                    redis.call('ZADD', streams, string.format('%.0f', now + lease * 1000), ARGV[3 + 2 * i])
                     redis.call('PEXPIRE', streams, lease)
                 end
             end
@@ -2490,9 +2556,9 @@ class RedisBudgets(Budgets):
         for i = 1, #KEYS / 2 do
             local budget, turn, tokens = KEYS[2 * i - 1], ARGV[2 * i], tonumber(ARGV[2 * i + 1])
             redis.call('ZREM', KEYS[2 * i], turn)
-            if per_minute > 0 and tokens > 0 then
+            if per_minute > 0 and tokens ~= 0 then  -- more than was taken as it was admitted, or fewer
                 local bucket = redis.call('HMGET', budget, 'q', 't')
-                local full_at = math.max(tonumber(bucket[2]) or 0, now) + tokens * 60e6 / per_minute
+                local full_at = math.max(math.max(tonumber(bucket[2]) or 0, now) + tokens * 60e6 / per_minute, now)
                 redis.call('HSET', budget, 't', string.format('%.0f', full_at))
                 local ttl = math.ceil((math.max(tonumber(bucket[1]) or 0, full_at) - now) / 1000) + 1000
                 redis.call('PEXPIRE', budget, ttl)
@@ -2512,9 +2578,10 @@ class RedisBudgets(Budgets):
         super().__init__(gate)
         self.scripts = {name: client.register_script(getattr(self, name)) for name in ("TAKE", "GIVE", "RENEW")}
         self.lease = int(STREAM_LEASE * 1000)  # milliseconds
-        self.asking: list[tuple[str, Turn, asyncio.Future[float]]] = []  # questions for the next TAKE
+        self.asking: list[tuple[str, Turn, int, asyncio.Future[float]]] = []  # questions for the next TAKE
         self.given: list[tuple[str, Turn, int]] = []  # answers over, for the next GIVE
         self.tasks: dict[str, asyncio.Task[None] | None] = dict.fromkeys(("take", "give", "renew"))
+        self.healthy = True  # the last TAKE worked (one WARNING line an outage)
 
     @staticmethod
     def keys(who: str) -> list[str]:
@@ -2525,8 +2592,8 @@ class RedisBudgets(Budgets):
         if (task := self.tasks[name]) is None or task.done():
             self.tasks[name] = asyncio.create_task(work())
 
-    async def take(self, who: str, turn: Turn) -> float:
-        self.asking.append((who, turn, taken := asyncio.get_running_loop().create_future()))
+    async def take(self, who: str, turn: Turn, reserve: int) -> float:
+        self.asking.append((who, turn, reserve, taken := asyncio.get_running_loop().create_future()))
         self.run("take", self.take_all)
         if not (wait := await taken) and USER_MAX_STREAMS:
             self.run("renew", self.renew)
@@ -2535,17 +2602,24 @@ class RedisBudgets(Budgets):
     async def take_all(self) -> None:
         while self.asking:
             batch, self.asking = self.asking, []
-            keys = [key for who, _, _ in batch for key in self.keys(who)]
+            keys = [key for who, *_ in batch for key in self.keys(who)]
             limits = [USER_REQUESTS_PER_MINUTE or 0, USER_TOKENS_PER_MINUTE or 0, USER_MAX_STREAMS or 0, self.lease]
+            asked = [arg for _, turn, reserve, _ in batch for arg in (turn.id, reserve)]
             try:
-                waits = await self.scripts["TAKE"](keys, [*limits, *(turn.id for _, turn, _ in batch)])
+                waits = await self.scripts["TAKE"](keys, [*limits, *asked])
             except Exception as exc:  # Redis failed: "unavailable"; anything else is a bug, raised for each question
-                failed = StoreUnavailable(f"Redis: {exc}") if isinstance(exc, redis.exceptions.RedisError) else exc
+                if isinstance(exc, redis.exceptions.RedisError):
+                    if self.healthy:
+                        log.warning("Redis fails (REDIS_URL): %s; questions get unavailable until it answers", exc)
+                    self.healthy, exc = False, StoreUnavailable(f"Redis: {exc}")
                 for *_, future in batch:
                     if not future.done():
-                        future.set_exception(failed)
+                        future.set_exception(exc)
                 continue
-            for (_, _, future), wait in zip(batch, waits, strict=True):
+            if not self.healthy:
+                log.info("Redis answers again: budgets are counted")
+            self.healthy = True
+            for (*_, future), wait in zip(batch, waits, strict=True):
                 if not future.done():  # (its connection closed meanwhile: its place ends with its lease)
                     future.set_result(wait / 1e6)
 
@@ -2567,7 +2641,7 @@ class RedisBudgets(Budgets):
             await asyncio.sleep(STREAM_LEASE / 3)
             if not self.charged:
                 return
-            keys = [self.keys(who)[1] for who in self.charged.values()]
+            keys = [self.keys(who)[1] for who, _ in self.charged.values()]
             await self.quietly(self.scripts["RENEW"](keys, [self.lease, *(turn.id for turn in self.charged)]))
 
     async def quietly(self, call: Any) -> None:
@@ -2575,6 +2649,8 @@ class RedisBudgets(Budgets):
             await call
         except redis.exceptions.RedisError as exc:  # the tokens go uncounted; a stream's place ends with its lease
             log.debug("could not write a budget to Redis: %s", exc)
+        except Exception:  # a bug: it must not stop the renewals, or every later write
+            log.exception("could not write a budget to Redis")
 
 
 if USER_REQUESTS_PER_MINUTE or USER_TOKENS_PER_MINUTE or USER_MAX_STREAMS:
@@ -3501,7 +3577,7 @@ def serve() -> None:
         warning = f"WORKERS={WORKERS} without REDIS_URL: a resume finds its session only on the worker that holds it"
         print(early_line(f"{warning} (set REDIS_URL, or make connections sticky)", "WARNING"), file=sys.stderr)
     try:  # subtle: uvicorn would start the app, say its startup is complete, and only then fail to listen
-        with socket.create_server((HOST, PORT), reuse_port=False) as probe:
+        with socket.create_server((HOST, PORT), family=socket.AF_INET6 if ":" in HOST else socket.AF_INET) as probe:
             probe.close()
     except OSError as exc:
         sys.exit(
