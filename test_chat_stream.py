@@ -140,7 +140,7 @@ def run_server(
         )
     server = Server(process, port, log_path)
     try:
-        wait_for(lambda: process.poll() is not None or healthy(server.http), 30, "server start")
+        wait_for(lambda: process.poll() is not None or healthy(server.http), 60, "server start")
         assert process.poll() is None, server.log()
         yield server
     finally:
@@ -2439,9 +2439,10 @@ def test_memory_of_one_answer(fresh: Server, bedrock: FakeBedrock) -> None:
 # plus MAX_CONCURRENT_STREAMS answers in flight at that size, fits a 24 GiB machine with room to spare.
 @slow
 def test_memory_of_one_connection(bedrock: FakeBedrock, tmp_path: Path) -> None:
-    answer, last_asked_at = ["\U0001f600" * 4] * 4096, [0]
+    answer, last_asked_at = ["\U0001f600" * 16] * 1024, [0]  # subtle: 4,096 tokens' text in 1,024 deltas, a quarter
+    # of the CPU (80 answers); an answer of 4,096 deltas in flight is measured alone (test_memory_of_one_answer)
     settings = {"CHAT_API_KEY": API_KEY, "MAX_FRAMES_PER_SECOND": 2000}  # subtle: the defaults but the frame budget,
-    # which only paces this (80 answers of 4,096 frames, a frame's time each 64: over four minutes at the default)
+    # which only paces this (80 answers of 1,024 frames, a frame's time each 64: over a minute at the default)
 
     def fill(fresh: Server, ws: ClientConnection, name: str) -> None:
         for turn in range(10):  # each turn is ~12,000 estimated tokens: 8 fill MAX_HISTORY_TOKENS
@@ -3865,7 +3866,7 @@ def test_metrics_off_and_open(guarded: Server, bedrock: FakeBedrock, tmp_path: P
 def test_metrics_across_workers(bedrock: FakeBedrock, tmp_path: Path) -> None:
     settings = {"WORKERS": 2, "LOG_FORMAT": "json", "SESSION_TTL": ""}
     with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server, contextlib.ExitStack() as stack:
-        wait_for(lambda: server.log().count("chat-stream ready") == 2, 30, "two workers")
+        wait_for(lambda: server.log().count("chat-stream ready") == 2, 60, "two workers")
         workers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and parent_pid(p) == server.process.pid]
         workers = [p for p in workers if b"spawn_main" in (p / "cmdline").read_bytes()]
         folders = {
@@ -4956,7 +4957,7 @@ def test_start_up_lines(tmp_path: Path, store: RedisServer) -> None:
         wait_for(lambda: "chat-stream ready" in server.log(), 5, "the ready line")
         assert f"WARNING:  no AWS credentials found for {NOVA}: give them (AWS_PROFILE" in server.log()
     with run_server(tmp_path, BEDROCK_MODEL_ID="offline", WORKERS=2) as server:
-        wait_for(lambda: server.log().count("chat-stream ready") == 2, 30, "two workers")
+        wait_for(lambda: server.log().count("chat-stream ready") == 2, 60, "two workers")
         assert "chat_stream: warning: WORKERS=2 without REDIS_URL: a resume finds its session only on" in server.log()
 
 
@@ -5106,7 +5107,7 @@ def test_module_imported_once(tmp_path: Path) -> None:
 # WORKERS=2 runs two uvicorn worker processes under one supervisor, each serving the protocol.
 def test_workers(tmp_path: Path, bedrock: FakeBedrock) -> None:
     with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, WORKERS=2) as server:
-        wait_for(lambda: server.log().count("chat-stream ready") == 2, 30, "two workers")
+        wait_for(lambda: server.log().count("chat-stream ready") == 2, 60, "two workers")
         children = [p for p in Path("/proc").iterdir() if p.name.isdigit() and parent_pid(p) == server.process.pid]
         assert len([p for p in children if b"spawn_main" in (p / "cmdline").read_bytes()]) == 2
         with connect(server.ws_url) as ws:
