@@ -352,13 +352,18 @@ METRICS_KINDS = {"metrics on": "on", "metrics off": "off"}  # chat_stream, with 
 
 def budgets_cost(bedrock_url: str, n: int, rounds: int) -> list[dict[str, Any]]:
     """chat_stream on one redis-server with signed tokens and every budget on (limits no client reaches: each client
-    is a user of its own), and without either, in turn; the redis-server's CPU counts for both."""
+    is a user of its own), with signed tokens alone, and without either, in turn; the redis-server's CPU counts for
+    each."""
     store = RedisServer()
     limits = {"USER_REQUESTS_PER_MINUTE": 1000, "USER_TOKENS_PER_MINUTE": 10**7, "USER_MAX_STREAMS": 100}
-    kinds = {"budgets on": {"JWT_SECRET": BENCH_SECRET, **limits}, "budgets off": {}}
+    kinds = {
+        "budgets on": {"JWT_SECRET": BENCH_SECRET, **limits},
+        "tokens only": {"JWT_SECRET": BENCH_SECRET},
+        "budgets off": {},
+    }
     servers = {kind: start_server(kind, bedrock_url, REDIS_URL=store.url, **s) for kind, s in kinds.items()}
     tokens = [jwt.encode({"sub": f"user{i}", "exp": int(time.time()) + 3600}, BENCH_SECRET) for i in range(n)]
-    headers = {"budgets on": lambda i: {"Authorization": f"Bearer {tokens[i % n]}"}}
+    headers = {k: (lambda i: {"Authorization": f"Bearer {tokens[i % n]}"}) for k in ("budgets on", "tokens only")}
     try:
         return in_turn(servers, n, rounds, (store.process.pid,), headers)
     finally:
