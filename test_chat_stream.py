@@ -16,6 +16,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import ctypes
 import hashlib
 import hmac
 import http.server
@@ -30,6 +31,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -76,12 +78,12 @@ PROFILE_ARN = "arn:aws:bedrock:us-east-1:123456789012:application-inference-prof
 
 
 # --- fixtures: the servers as users start them (python chat_stream.py, or the reference cut out alone on plain
-# uvicorn), configured through their environment; a local Bedrock, a redis-server, Chromium
+# uvicorn; forked from a warm interpreter, below), configured through their environment; a local Bedrock, a redis-server, Chromium
 
 
 @dataclass
 class Server:
-    process: subprocess.Popen
+    process: subprocess.Popen | Forked
     port: int
     log_path: Path
     ws_url: str = field(init=False)
@@ -112,6 +114,134 @@ class Server:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+# A test server is forked from a warm interpreter, the zygote, which has imported every library chat_stream.py
+# imports (not the module itself): each of the suite's ~150 servers then skips the ~3 s of CPU a fresh python spends
+# importing langchain-aws, boto3 and the rest, which on two cores was a third of the suite. The fork then runs the
+# script as `python script` does (runpy, as __main__, with its own argv, environment, folder, session and log), and
+# the test process is its parent (a child subreaper), so it is waited for and signalled as any subprocess.
+# A server given a setting of the interpreter's own start-up (PYTHONPATH, ...) starts as a fresh python, as every
+# server does with ZYGOTE=0.
+ZYGOTE = r"""
+import ast, importlib, json, os, resource, runpy, sys, threading
+for node in ast.walk(ast.parse(open(sys.argv[1]).read())):
+    names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+    names += [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+    for name in names:
+        importlib.import_module(name)
+assert threading.active_count() == 1, "a thread at fork"
+for line in sys.stdin:
+    job, (r, w) = json.loads(line), os.pipe()
+    if (middle := os.fork()) == 0:
+        if (pid := os.fork()) != 0:
+            os.write(w, str(pid).encode())
+            os._exit(0)  # the server is orphaned, and so the test process's child
+        os.setsid()
+        if job["open_files"]:
+            resource.setrlimit(resource.RLIMIT_NOFILE, job["open_files"])
+        null = os.open(os.devnull, os.O_RDONLY)
+        out, err = (os.open(job[name], os.O_WRONLY | os.O_APPEND) for name in ("stdout", "stderr"))
+        for fd, to in ((null, 0), (out, 1), (err, 2)):
+            os.dup2(fd, to)
+        for fd in {null, out, err, r, w}:
+            os.close(fd)
+        os.chdir(job["cwd"])
+        os.environ.clear()
+        os.environ.update(job["env"])
+        sys.argv = job["argv"]
+        if job["module"]:
+            sys.path[0] = job["cwd"]
+            runpy.run_module(job["module"], run_name="__main__", alter_sys=True)
+        else:
+            sys.path[0] = os.path.dirname(os.path.abspath(job["argv"][0]))
+            runpy.run_path(job["argv"][0], run_name="__main__")
+        sys.exit(0)
+    os.close(w)
+    pid = os.read(r, 32).decode()
+    os.close(r)
+    os.waitpid(middle, 0)
+    sys.stdout.write(pid + "\n")
+    sys.stdout.flush()
+"""
+
+
+def warm(settings: dict[str, Any]) -> bool:
+    """Whether a server with these settings may start in the zygote: not with ZYGOTE=0, nor with a setting of the
+    interpreter's own start-up (PYTHONPATH, PYTHONVERBOSE: only a fresh python reads them)."""
+    return os.environ.get("ZYGOTE") != "0" and not any(k.startswith("PYTHON") for k in settings)
+
+
+class Forked:
+    """A process the zygote forked, as much of subprocess.Popen as the tests use."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            self.returncode = os.waitstatus_to_exitcode(status) if pid else None
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Zygote:
+    """The zygote of this test process (one per pytest-xdist worker), started on first use."""
+
+    lock = threading.Lock()
+    process: subprocess.Popen | None = None
+
+    @classmethod
+    def spawn(
+        cls,
+        argv: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        stdout: Path,
+        stderr: Path,
+        open_files: tuple[int, int] | None = None,
+        module: str | None = None,
+    ) -> Forked:
+        with cls.lock:
+            if cls.process is None:
+                PR_SET_CHILD_SUBREAPER = 36  # noqa: N806 (prctl(2))
+                assert ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+                command = [sys.executable, "-c", ZYGOTE, str(HERE / "chat_stream.py")]
+                cls.process = subprocess.Popen(
+                    command, cwd=HERE, env=server_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+                )
+            job = {
+                "argv": argv,
+                "cwd": str(cwd),
+                "env": env,
+                "stdout": str(stdout),
+                "stderr": str(stderr),
+                "open_files": open_files,
+                "module": module,
+            }
+            cls.process.stdin.write(json.dumps(job) + "\n")
+            cls.process.stdin.flush()
+            pid = cls.process.stdout.readline()
+        assert pid, "the zygote died: see the test's stderr"
+        return Forked(int(pid))
+
+
 @contextlib.contextmanager
 def run_server(
     tmp_path: Path,
@@ -127,32 +257,58 @@ def run_server(
     # otherwise, sessions die with their connection (every test of those rules runs as before resuming existed),
     # and requests carry no cache points (test_claude_model and the prompt caching tests show what "auto" adds)
     log_path = tmp_path / f"server-{port}.log"
-    with log_path.open("w") as log:
-        command = [sys.executable, "-m", "uvicorn", app, "--port", str(port)] if app else [sys.executable, str(script)]
-        process = subprocess.Popen(
-            command,
-            cwd=script.parent,
-            env=server_env(PORT=port, **settings),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=open_files and (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))),
-            start_new_session=True,  # its own process group, so that its workers go with it
+    log_path.write_text("")
+    argv = ["-m", "uvicorn", app, "--port", str(port)] if app else [str(script)]
+    env, limit = server_env(PORT=port, **settings), open_files and (open_files, open_files)
+    if warm(settings):
+        process = Zygote.spawn(
+            argv[1:] if app else argv, script.parent, env, log_path, log_path, limit, app and "uvicorn"
         )
+    else:
+        with log_path.open("w") as log:
+            process = subprocess.Popen(
+                [sys.executable, *argv],
+                cwd=script.parent,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=limit and (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit)),
+                start_new_session=True,  # its own process group, so that its workers go with it
+            )
     server = Server(process, port, log_path)
     try:
         wait_for(lambda: process.poll() is not None or healthy(server.http), 60, "server start")
         assert process.poll() is None, server.log()
         yield server
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        kill_group(process)
+
+
+def kill_group(process: subprocess.Popen | Forked) -> None:
+    """SIGKILL a server and every process of its group, and wait for it, and for those of them that outlived their
+    own parent (its workers: with the zygote, this process inherits them)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    with contextlib.suppress(ChildProcessError):
+        while True:
+            os.waitpid(-process.pid, 0)
 
 
 def start_up(**settings: Any) -> subprocess.CompletedProcess:
     """`python chat_stream.py` with these settings, run to its exit (for settings that stop start-up)."""
     command = [sys.executable, "chat_stream.py"]
-    return subprocess.run(command, cwd=HERE, env=server_env(**settings), capture_output=True, text=True, timeout=60)
+    if not warm(settings):
+        return subprocess.run(command, cwd=HERE, env=server_env(**settings), capture_output=True, text=True, timeout=60)
+    with tempfile.TemporaryDirectory() as folder:
+        out, err = Path(folder, "stdout"), Path(folder, "stderr")
+        out.write_text(""), err.write_text("")
+        process = Zygote.spawn(["chat_stream.py"], HERE, server_env(**settings), out, err)
+        try:
+            process.wait(timeout=60)
+        finally:
+            kill_group(process)
+        return subprocess.CompletedProcess(command, process.returncode, out.read_text(), err.read_text())
 
 
 def cut_reference(folder: Path) -> Path:
