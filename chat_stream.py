@@ -3415,6 +3415,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self.sent = 0  # frames sent to it
         self.partial: asyncio.TimerHandle | None = None  # runs out if a message's frames do not complete in time
         self.stalled: asyncio.TimerHandle | None = None  # runs out if the write buffer stays full
+        self.gone = asyncio.Event()  # set when the connection is lost
         if (sock := transport.get_extra_info("socket")) is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
 
@@ -3422,6 +3423,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         for timer in (self.stalled, self.partial):
             if timer:
                 timer.cancel()
+        self.gone.set()
         super().connection_lost(exc)
 
     def handle_events(self) -> None:
@@ -3462,9 +3464,13 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
     async def receive(self) -> Any:
         """The app's next message, once the large frames before it have been paid for (uvicorn reads at most one more
-        of the client's frames meanwhile)."""
+        of the client's frames meanwhile), or at once when the client is gone: its connection and sessions are let go
+        then, not seconds after a large frame."""
         if (owed := self.owed_until - self.loop.time()) > 0:
-            await asyncio.sleep(owed)
+            try:
+                await asyncio.wait_for(self.gone.wait(), owed)
+            except TimeoutError:
+                pass
         return await super().receive()
 
     def send_receive_event_to_app(self) -> None:

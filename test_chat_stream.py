@@ -1989,16 +1989,22 @@ def test_full_text_is_what_was_sent(bedrock: FakeBedrock, tmp_path: Path) -> Non
     assert bedrock.calls_for("what did you say")[0].body["messages"][1]["content"] == [{"text": received}]
 
 
-# A cancel that arrives after Bedrock's stream ended, while the end frame waits to be written, does not eat it.
+# A cancel that arrives after Bedrock's stream ended, while the end frame waits to be written, does not eat it. The
+# client's frames after a 5 MB one wait their turn (its cost in frames), but its leaving does not: the connection and
+# its 5 MB session go at once (they were held for 7.5 s after the client had gone).
 def test_cancel_after_the_stream_ended(server: Server, bedrock: FakeBedrock) -> None:
     tokens = ["small", " " + "y" * 5_000_000]  # the last token alone fills every buffer on the way
     bedrock.replies["end it big"] = Reply(tokens=tokens)
+    before = server.health()
     with slow_reader(server) as ws:
         ws.send(json.dumps({"question": "end it big", "session_id": "big-end"}))
         wait_for(lambda: [c for c in bedrock.calls_for("end it big") if c.finished], 10, "Bedrock to finish")
         wait_for(lambda: server.health()["streams"] == 0, 5, "the upstream to be done with")
         ws.send(json.dumps({"type": "cancel"}))
         frames = read_answer(ws)
+    left = time.monotonic()
+    wait_for(lambda: server.health()["sessions"] == before["sessions"], 5, "the session to go")
+    assert time.monotonic() - left < 1.5 and server.health()["connections"] == before["connections"]
     assert frames[-1] == {
         "type": "end",
         "session_id": "big-end",
