@@ -1,6 +1,6 @@
 """Tests for chat_stream.py: a real uvicorn server, real WebSocket clients, and a local Bedrock on the real wire.
 
-Run: pytest -q -n 2     (QUICK=1 pytest -q -n 2 skips the slow abuse and memory tests; CI runs them all)
+Run: pytest -q -n 3     (QUICK=1 pytest -q -n 3 skips the slow abuse and memory tests; CI runs them all)
 
 Laid out as the module is: fixtures, then the helpers the sections share, then a section for each part of the
 reference in the order a question travels (settings, the protocol, the models, errors, the meter, long
