@@ -78,7 +78,8 @@ PROFILE_ARN = "arn:aws:bedrock:us-east-1:123456789012:application-inference-prof
 
 
 # --- fixtures: the servers as users start them (python chat_stream.py, or the reference cut out alone on plain
-# uvicorn; forked from a warm interpreter, below), configured through their environment; a local Bedrock, a redis-server, Chromium
+# uvicorn; forked from a warm interpreter, below), configured through their environment; a local Bedrock, a
+# redis-server, Chromium
 
 
 @dataclass
