@@ -2255,7 +2255,7 @@ def test_not_found_and_expiry(short_lived: Server, bedrock: FakeBedrock) -> None
     history = ["expire me", echo("expire me"), "still here", echo("still here")]
     with connect(short_lived.ws_url) as ws:
         assert resume(ws, start) == resumed(start, None, history)
-    left_at = time.monotonic()
+        left_at = time.monotonic()  # subtle: before it leaves, as the server sees it leave during the close handshake
     wait_for(lambda: short_lived.health()["detached"] == 0, 10, "the session to expire")
     assert 3 <= time.monotonic() - left_at < 5
     with connect(short_lived.ws_url) as ws:
