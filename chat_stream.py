@@ -3598,12 +3598,15 @@ def serve() -> None:
     }
     if logging.getLogger("uvicorn").handlers:  # the process's logging is set up already (LOG_FORMAT=json): kept
         options["log_config"] = None
-    if WORKERS > 1:  # workers import the app by name, and run uvicorn's own Server: no drain
+    if WORKERS > 1:  # workers import the app by name, and run uvicorn's own Server: no drain; subtle: the
+        # supervisor kills a worker that has not answered its ping within timeout_worker_healthcheck, and a new one
+        # answers only once it has imported the libraries (~3 s of CPU): at uvicorn's 5 s, on a slow or shared CPU,
+        # every worker was killed while starting and replaced, forever
         ws, http = "chat_stream:WebSocketProtocol", "chat_stream:HTTPProtocol"
         with tempfile.TemporaryDirectory(prefix="chat-stream-metrics-") as metrics_dir:  # removed when all have exited
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # where prometheus-client's multiprocess mode keeps
             # each worker's metrics, summed by a scrape
-            uvicorn.run("chat_stream:app", http=http, ws=ws, workers=WORKERS, **options)
+            uvicorn.run("chat_stream:app", http=http, ws=ws, workers=WORKERS, timeout_worker_healthcheck=30, **options)
         return
     server = Server(uvicorn.Config(app, http=HTTPProtocol, ws=WebSocketProtocol, **options))  # subtle: these
     server.run()  # objects, not names, so that the module is not imported a second time

@@ -278,7 +278,10 @@ def run_server(
             )
     server = Server(process, port, log_path)
     try:
-        wait_for(lambda: process.poll() is not None or healthy(server.http), 60, "server start")
+        try:
+            wait_for(lambda: process.poll() is not None or healthy(server.http), 60, "server start")
+        except AssertionError as exc:  # what it said while it did not start
+            raise AssertionError(f"{exc}; its log ends:\n{server.log()[-4000:]}") from None
         assert process.poll() is None, server.log()
         yield server
     finally:
@@ -5267,10 +5270,16 @@ def test_module_imported_once(tmp_path: Path) -> None:
         assert "import 'chat_stream'" not in server.log()
 
 
-# WORKERS=2 runs two uvicorn worker processes under one supervisor, each serving the protocol.
+# WORKERS=2 runs two uvicorn worker processes under one supervisor, each serving the protocol. A worker that takes
+# longer than uvicorn's 5 s to start (on a slow or shared CPU; here each sleeps 6 s first) is waited for, not killed
+# while it starts and replaced by another that starts as slowly.
 def test_workers(tmp_path: Path, bedrock: FakeBedrock) -> None:
-    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, WORKERS=2) as server:
-        wait_for(lambda: server.log().count("chat-stream ready") == 2, 60, "two workers")
+    slow = 'import sys, time\nif "--multiprocessing-fork" in sys.argv:  # a worker\n    time.sleep(6)\n'
+    (tmp_path / "sitecustomize.py").write_text(slow)
+    with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, WORKERS=2, PYTHONPATH=str(tmp_path)) as server:
+        both = lambda: server.log().count("chat-stream ready") == 2 or "died" in server.log()  # noqa: E731
+        wait_for(both, 60, "two workers")
+        assert "died" not in server.log(), server.log()
         children = [p for p in Path("/proc").iterdir() if p.name.isdigit() and parent_pid(p) == server.process.pid]
         assert len([p for p in children if b"spawn_main" in (p / "cmdline").read_bytes()]) == 2
         with connect(server.ws_url) as ws:
