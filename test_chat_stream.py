@@ -120,8 +120,10 @@ class Server:
 # importing langchain-aws, boto3 and the rest, which on two cores was a third of the suite. The fork then runs the
 # script as `python script` does (runpy, as __main__, with its own argv, environment, folder, session and log), and
 # the test process is its parent (a child subreaper), so it is waited for and signalled as any subprocess.
-# A server given a setting of the interpreter's own start-up (PYTHONPATH, ...) starts as a fresh python, as every
-# server does with ZYGOTE=0.
+# Only chat_stream.py itself starts there, and only with the settings it reads and AWS's: the cut reference and the
+# host apps start as a fresh python (so that a library they forget to import is not there for them), and so does a
+# server given another variable (PYTHONPATH, PYTHONVERBOSE: only a fresh python reads those), or every server with
+# ZYGOTE=0.
 ZYGOTE = r"""
 import ast, importlib, json, os, resource, runpy, sys, threading
 for node in ast.walk(ast.parse(open(sys.argv[1]).read())):
@@ -133,10 +135,10 @@ assert threading.active_count() == 1, "a thread at fork"
 for line in sys.stdin:
     job, (r, w) = json.loads(line), os.pipe()
     if (middle := os.fork()) == 0:
-        if (pid := os.fork()) != 0:
-            os.write(w, str(pid).encode())
+        if os.fork() != 0:
             os._exit(0)  # the server is orphaned, and so the test process's child
-        os.setsid()
+        os.setsid()  # before its pid is told, so that a signal to its group reaches it
+        os.write(w, str(os.getpid()).encode())
         if job["open_files"]:
             resource.setrlimit(resource.RLIMIT_NOFILE, job["open_files"])
         null = os.open(os.devnull, os.O_RDONLY)
@@ -149,26 +151,21 @@ for line in sys.stdin:
         os.environ.clear()
         os.environ.update(job["env"])
         sys.argv = job["argv"]
-        if job["module"]:
-            sys.path[0] = job["cwd"]
-            runpy.run_module(job["module"], run_name="__main__", alter_sys=True)
-        else:
-            sys.path[0] = os.path.dirname(os.path.abspath(job["argv"][0]))
-            runpy.run_path(job["argv"][0], run_name="__main__")
+        sys.path[0] = os.path.dirname(os.path.abspath(job["argv"][0]))
+        runpy.run_path(job["argv"][0], run_name="__main__")
         sys.exit(0)
     os.close(w)
-    pid = os.read(r, 32).decode()
-    os.close(r)
     os.waitpid(middle, 0)
+    pid = os.read(r, 32).decode()  # "" if the server died before it told its pid
+    os.close(r)
     sys.stdout.write(pid + "\n")
     sys.stdout.flush()
 """
 
 
 def warm(settings: dict[str, Any]) -> bool:
-    """Whether a server with these settings may start in the zygote: not with ZYGOTE=0, nor with a setting of the
-    interpreter's own start-up (PYTHONPATH, PYTHONVERBOSE: only a fresh python reads them)."""
-    return os.environ.get("ZYGOTE") != "0" and not any(k.startswith("PYTHON") for k in settings)
+    """Whether chat_stream.py with these settings may start in the zygote: with none but its own and AWS's."""
+    return os.environ.get("ZYGOTE") != "0" and all(k in SETTINGS or k.startswith("AWS_") for k in settings)
 
 
 class Forked:
@@ -179,7 +176,10 @@ class Forked:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: its status is lost (Popen says 0 then, too)
+                pid, status = self.pid, 0
             self.returncode = os.waitstatus_to_exitcode(status) if pid else None
         return self.returncode
 
@@ -217,10 +217,9 @@ class Zygote:
         stdout: Path,
         stderr: Path,
         open_files: tuple[int, int] | None = None,
-        module: str | None = None,
     ) -> Forked:
         with cls.lock:
-            if cls.process is None:
+            if cls.process is None or cls.process.poll() is not None:  # (a zygote killed is started again)
                 PR_SET_CHILD_SUBREAPER = 36  # noqa: N806 (prctl(2))
                 assert ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
                 command = [sys.executable, "-c", ZYGOTE, str(HERE / "chat_stream.py")]
@@ -234,12 +233,11 @@ class Zygote:
                 "stdout": str(stdout),
                 "stderr": str(stderr),
                 "open_files": open_files,
-                "module": module,
             }
             cls.process.stdin.write(json.dumps(job) + "\n")
             cls.process.stdin.flush()
-            pid = cls.process.stdout.readline()
-        assert pid, "the zygote died: see the test's stderr"
+            pid = cls.process.stdout.readline().strip()
+        assert pid, "the zygote or the server it forked died at once: see the test's stderr, and the server's log"
         return Forked(int(pid))
 
 
@@ -261,10 +259,8 @@ def run_server(
     log_path.write_text("")
     argv = ["-m", "uvicorn", app, "--port", str(port)] if app else [str(script)]
     env, limit = server_env(PORT=port, **settings), open_files and (open_files, open_files)
-    if warm(settings):
-        process = Zygote.spawn(
-            argv[1:] if app else argv, script.parent, env, log_path, log_path, limit, app and "uvicorn"
-        )
+    if warm(settings) and script == HERE / "chat_stream.py" and not app:
+        process = Zygote.spawn(argv, script.parent, env, log_path, log_path, limit)
     else:
         with log_path.open("w") as log:
             process = subprocess.Popen(
@@ -1999,7 +1995,8 @@ def test_full_text_is_what_was_sent(bedrock: FakeBedrock, tmp_path: Path) -> Non
 def test_cancel_after_the_stream_ended(server: Server, bedrock: FakeBedrock) -> None:
     tokens = ["small", " " + "y" * 5_000_000]  # the last token alone fills every buffer on the way
     bedrock.replies["end it big"] = Reply(tokens=tokens)
-    before = server.health()
+    idle = lambda: (health := server.health())["sessions"] == health["connections"] == 0  # noqa: E731
+    wait_for(idle, 5, "the server to be done with the tests before")
     with slow_reader(server) as ws:
         ws.send(json.dumps({"question": "end it big", "session_id": "big-end"}))
         wait_for(lambda: [c for c in bedrock.calls_for("end it big") if c.finished], 10, "Bedrock to finish")
@@ -2007,8 +2004,8 @@ def test_cancel_after_the_stream_ended(server: Server, bedrock: FakeBedrock) -> 
         ws.send(json.dumps({"type": "cancel"}))
         frames = read_answer(ws)
     left = time.monotonic()
-    wait_for(lambda: server.health()["sessions"] == before["sessions"], 5, "the session to go")
-    assert time.monotonic() - left < 1.5 and server.health()["connections"] == before["connections"]
+    wait_for(lambda: server.health()["sessions"] == 0, 5, "the session to go")
+    assert time.monotonic() - left < 1.5 and server.health()["connections"] == 0
     assert frames[-1] == {
         "type": "end",
         "session_id": "big-end",
