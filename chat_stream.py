@@ -3465,7 +3465,8 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     async def receive(self) -> Any:
         """The app's next message, once the large frames before it have been paid for (uvicorn reads at most one more
         of the client's frames meanwhile), or at once when the client is gone: its connection and sessions are let go
-        then, not seconds after a large frame."""
+        then, not seconds after a large frame (subtle: unless it sent that one more frame: uvicorn stops reading then,
+        and sees the client leave only when the wait is over)."""
         if (owed := self.owed_until - self.loop.time()) > 0:
             try:
                 await asyncio.wait_for(self.gone.wait(), owed)
