@@ -2512,15 +2512,18 @@ class RedisBudgets(Budgets):
 
       chat:budget:{user}   hash: q and t, when the user's questions' and tokens' buckets are full; it expires then
       chat:streams:{user}  sorted set: the user's answers streaming (turn ids), each scored with the end of its lease
+      chat:call:{process}:{n}  a TAKE (its waits) or GIVE that ran, for a minute: a call sent again does nothing more
 
     where {user} is "user:" and the SHA-256 of `sub` (never the id itself), "key", or "address:" and the address."""
 
     TAKE = """
+        local before = redis.call('GET', KEYS[#KEYS])  -- this call's, if it ran and its reply was lost: as it was
+        if before then return cjson.decode(before) end
         local now = redis.call('TIME')
         now = now[1] * 1e6 + now[2]
         local per_minute, most, lease = {tonumber(ARGV[1]), tonumber(ARGV[2])}, tonumber(ARGV[3]), tonumber(ARGV[4])
         local waits = {}
-        for i = 1, #KEYS / 2 do
+        for i = 1, (#KEYS - 1) / 2 do
             local budget, streams = KEYS[2 * i - 1], KEYS[2 * i]
             local bucket = redis.call('HMGET', budget, 'q', 't')
             local questions = math.max(tonumber(bucket[1]) or 0, now)
@@ -2548,12 +2551,14 @@ class RedisBudgets(Budgets):
             end
             waits[i] = math.max(0, math.ceil(wait))
         end
+        redis.call('SET', KEYS[#KEYS], cjson.encode(waits), 'PX', 60000)
         return waits"""
     GIVE = """
+        if not redis.call('SET', KEYS[#KEYS], '', 'NX', 'PX', 60000) then return 0 end  -- this call's, run already
         local now = redis.call('TIME')
         now = now[1] * 1e6 + now[2]
         local per_minute = tonumber(ARGV[1])
-        for i = 1, #KEYS / 2 do
+        for i = 1, (#KEYS - 1) / 2 do
             local budget, turn, tokens = KEYS[2 * i - 1], ARGV[2 * i], tonumber(ARGV[2 * i + 1])
             redis.call('ZREM', KEYS[2 * i], turn)
             if per_minute > 0 and tokens ~= 0 then  -- more than was taken as it was admitted, or fewer
@@ -2582,6 +2587,9 @@ class RedisBudgets(Budgets):
         self.given: list[tuple[str, Turn, int]] = []  # answers over, for the next GIVE
         self.tasks: dict[str, asyncio.Task[None] | None] = dict.fromkeys(("take", "give", "renew"))
         self.healthy = True  # the last TAKE worked (one WARNING line an outage)
+        # subtle: redis-py sends a call again when its connection fails, which it may do after the script ran (a reply
+        # lost, or late past socket_timeout): each TAKE and GIVE names a key of its own, which says it ran
+        self.calls = itertools.count(1)
 
     @staticmethod
     def keys(who: str) -> list[str]:
@@ -2602,7 +2610,7 @@ class RedisBudgets(Budgets):
     async def take_all(self) -> None:
         while self.asking:
             batch, self.asking = self.asking, []
-            keys = [key for who, *_ in batch for key in self.keys(who)]
+            keys = [key for who, *_ in batch for key in self.keys(who)] + [f"chat:call:{PROCESS}:{next(self.calls)}"]
             limits = [USER_REQUESTS_PER_MINUTE or 0, USER_TOKENS_PER_MINUTE or 0, USER_MAX_STREAMS or 0, self.lease]
             asked = [arg for _, turn, reserve, _ in batch for arg in (turn.id, reserve)]
             try:
@@ -2631,7 +2639,7 @@ class RedisBudgets(Budgets):
     async def give_all(self) -> None:
         while self.given:
             batch, self.given = self.given, []
-            keys = [key for who, _, _ in batch for key in self.keys(who)]
+            keys = [key for who, _, _ in batch for key in self.keys(who)] + [f"chat:call:{PROCESS}:{next(self.calls)}"]
             args = [arg for _, turn, tokens in batch for arg in (turn.id, tokens)]
             await self.quietly(self.scripts["GIVE"](keys, [USER_TOKENS_PER_MINUTE or 0, *args]))
 

@@ -3858,6 +3858,91 @@ def test_budgets_without_tokens(bedrock: FakeBedrock, tmp_path: Path, trusted: s
             assert ask(two, f"two {trusted}", "s2")[-1].get("code") == ("rate_limited" if shared else None)
 
 
+class LosesAReply:
+    """A TCP proxy to a redis-server that, once armed, passes on the next command naming `marker`, waits for Redis's
+    reply and closes the client's connection in its place: the call ran, and the client cannot know it."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream, self.marker, self.armed = port, b"", False
+        self.lost, self.answered = threading.Event(), threading.Event()  # a reply lost; a marked reply passed on after
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.upstream))
+                marked = threading.Event()  # a marked command on its way: its reply is the next one
+                threading.Thread(target=self.requests, args=(client, server, marked), daemon=True).start()
+                threading.Thread(target=self.replies, args=(server, client, marked), daemon=True).start()
+
+    def requests(self, client: socket.socket, server: socket.socket, marked: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                if self.marker and self.marker in data:
+                    marked.set()
+                server.sendall(data)
+
+    def replies(self, server: socket.socket, client: socket.socket, marked: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                if marked.is_set():
+                    marked.clear()
+                    if data.startswith(b"-NOSCRIPT"):  # (redis-py loads the script, then sends the call again)
+                        pass
+                    elif self.armed:
+                        self.armed = False
+                        client.shutdown(socket.SHUT_RDWR)
+                        client.close()
+                        server.close()
+                        self.lost.set()
+                        return
+                    if self.lost.is_set():
+                        self.answered.set()
+                client.sendall(data)
+
+    def arm(self, marker: bytes) -> None:
+        self.lost.clear()
+        self.answered.clear()
+        self.marker, self.armed = marker, True
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+# A budget call whose reply is lost runs once: redis-py sends a call again when its connection fails, after the script
+# may have run (the proxy passes the call on, then closes the connection in place of the reply). With 2 questions a
+# minute, the question whose TAKE was sent twice is counted once: a second is admitted, the third refused; with 500
+# tokens a minute, an answer of 300 whose GIVE was sent twice is charged once: the next question is admitted.
+def test_a_budget_call_sent_twice_counts_once(own_store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
+    proxy = LosesAReply(own_store.port)
+    settings = {"USER_REQUESTS_PER_MINUTE": 2, "USER_TOKENS_PER_MINUTE": 500, "REDIS_URL": proxy.url}
+    bedrock.replies["three hundred"] = Reply(tokens=[f" h{i}" for i in range(300)])
+    try:
+        with (
+            run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **settings) as server,
+            connect(server.ws_url, additional_headers={"X-Forwarded-For": "203.0.113.9"}) as asker,
+            connect(server.ws_url, additional_headers={"X-Forwarded-For": "198.51.100.7"}) as spender,
+        ):
+            proxy.arm(b"chat:budget:address:203.0.113.9\r\n")
+            assert ask(asker, "taken once", "t")[-1]["full_text"] == echo("taken once")
+            assert proxy.lost.is_set() and proxy.answered.wait(5)
+            assert (last := ask(asker, "taken twice?", "t")[-1]).get("full_text") == echo("taken twice?"), last
+            assert 25 < limited(ask(asker, "one too many", "t")[0], "t") <= 30
+            spender.send(json.dumps({"question": "three hundred", "session_id": "g"}))
+            assert json.loads(spender.recv(timeout=5))["type"] == "start"
+            proxy.arm(b"chat:budget:address:198.51.100.7\r\n")  # (its TAKE came before: the next call is its GIVE)
+            assert read_answer(spender)[-1]["usage"]["output_tokens"] == 300
+            wait_for(proxy.answered.is_set, 5, "the GIVE sent again, and its reply")
+            assert proxy.lost.is_set()
+            assert (last := ask(spender, "given once", "g")[-1]).get("full_text") == echo("given once"), last
+    finally:
+        proxy.close()
+
+
 # /metrics: rate_limited refusals counted by code; each user's tokens under a short hash of its sub, never the sub,
 # for the first 100 users of a process, the rest together as "other" (the label set stays bounded).
 def test_budget_metrics(bedrock: FakeBedrock, tmp_path: Path) -> None:
