@@ -1825,7 +1825,9 @@ class RedisStore(Store):
         redis.call('HSET', KEYS[1], 'owner', ARGV[1])
         redis.call('PEXPIRE', KEYS[1], ARGV[3])
         if session[4] ~= '' then redis.call('PEXPIRE', 'chat:turn:' .. session[4], ARGV[3]) end
-        if session[2] ~= '' then redis.call('PUBLISH', 'chat:moved', cjson.encode({ARGV[4], session[2]})) end
+        if session[2] ~= '' and session[2] ~= ARGV[1] then  -- (its own claim: this call, sent again)
+            redis.call('PUBLISH', 'chat:moved', cjson.encode({ARGV[4], session[2]}))
+        end
         return session"""
     SETTLE = """
         if redis.call('HGET', KEYS[1], 'turn') ~= ARGV[1] then return 0 end
@@ -2512,7 +2514,7 @@ class RedisBudgets(Budgets):
 
       chat:budget:{user}   hash: q and t, when the user's questions' and tokens' buckets are full; it expires then
       chat:streams:{user}  sorted set: the user's answers streaming (turn ids), each scored with the end of its lease
-      chat:call:{process}:{n}  a TAKE (its waits) or GIVE that ran, for a minute: a call sent again does nothing more
+      chat:call:{process}:{n}  a TAKE (its waits) or GIVE that counted, for a minute: sent again, it counts no more
 
     where {user} is "user:" and the SHA-256 of `sub` (never the id itself), "key", or "address:" and the address."""
 
@@ -2522,7 +2524,7 @@ class RedisBudgets(Budgets):
         local now = redis.call('TIME')
         now = now[1] * 1e6 + now[2]
         local per_minute, most, lease = {tonumber(ARGV[1]), tonumber(ARGV[2])}, tonumber(ARGV[3]), tonumber(ARGV[4])
-        local waits = {}
+        local waits, admitted = {}, false
         for i = 1, (#KEYS - 1) / 2 do
             local budget, streams = KEYS[2 * i - 1], KEYS[2 * i]
             local bucket = redis.call('HMGET', budget, 'q', 't')
@@ -2537,6 +2539,7 @@ class RedisBudgets(Budgets):
                 if redis.call('ZCARD', streams) >= most then wait = math.max(wait, 1e6) end
             end
             if wait <= 0 then
+                admitted = true
                 if per_minute[1] > 0 then questions = questions + 60e6 / per_minute[1] end
                 if per_minute[2] > 0 then tokens = tokens + tonumber(ARGV[4 + 2 * i]) * 60e6 / per_minute[2] end
                 if per_minute[1] > 0 or per_minute[2] > 0 then
@@ -2551,17 +2554,20 @@ class RedisBudgets(Budgets):
             end
             waits[i] = math.max(0, math.ceil(wait))
         end
-        redis.call('SET', KEYS[#KEYS], cjson.encode(waits), 'PX', 60000)
+        -- (refusals change nothing: the same call again may refuse or admit; and under maxmemory, a call that wrote
+        -- nothing else could not write this)
+        if admitted then redis.call('SET', KEYS[#KEYS], cjson.encode(waits), 'PX', 60000) end
         return waits"""
     GIVE = """
-        if not redis.call('SET', KEYS[#KEYS], '', 'NX', 'PX', 60000) then return 0 end  -- this call's, run already
+        local again = redis.call('EXISTS', KEYS[#KEYS]) == 1  -- this call's, run already: its places go, not its tokens
         local now = redis.call('TIME')
         now = now[1] * 1e6 + now[2]
-        local per_minute = tonumber(ARGV[1])
+        local per_minute, wrote = tonumber(ARGV[1]), false
         for i = 1, (#KEYS - 1) / 2 do
             local budget, turn, tokens = KEYS[2 * i - 1], ARGV[2 * i], tonumber(ARGV[2 * i + 1])
-            redis.call('ZREM', KEYS[2 * i], turn)
-            if per_minute > 0 and tokens ~= 0 then  -- more than was taken as it was admitted, or fewer
+            redis.call('ZREM', KEYS[2 * i], turn)  -- (first: under maxmemory, a script's first write must free memory)
+            if per_minute > 0 and tokens ~= 0 and not again then  -- more than was taken as it was admitted, or fewer
+                wrote = true
                 local bucket = redis.call('HMGET', budget, 'q', 't')
                 local full_at = math.max(math.max(tonumber(bucket[2]) or 0, now) + tokens * 60e6 / per_minute, now)
                 redis.call('HSET', budget, 't', string.format('%.0f', full_at))
@@ -2569,6 +2575,7 @@ class RedisBudgets(Budgets):
                 redis.call('PEXPIRE', budget, ttl)
             end
         end
+        if wrote then redis.call('SET', KEYS[#KEYS], '', 'PX', 60000) end
         return 0"""
     RENEW = """
         local now = redis.call('TIME')

@@ -3883,6 +3883,7 @@ class LosesAReply:
 
     def __init__(self, port: int) -> None:
         self.upstream, self.marker, self.armed = port, b"", False
+        self.marked = self.dropped = b""  # the newest command marked; the one whose reply was lost
         self.lost, self.answered = threading.Event(), threading.Event()  # a reply lost; a marked reply passed on after
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -3902,6 +3903,7 @@ class LosesAReply:
         with contextlib.suppress(OSError):
             while data := client.recv(65536):
                 if self.marker and self.marker in data:
+                    self.marked = data  # the command (the newest one marked)
                     marked.set()
                 server.sendall(data)
 
@@ -3913,7 +3915,7 @@ class LosesAReply:
                     if data.startswith(b"-NOSCRIPT"):  # (redis-py loads the script, then sends the call again)
                         pass
                     elif self.armed:
-                        self.armed = False
+                        self.armed, self.dropped = False, self.marked
                         client.shutdown(socket.SHUT_RDWR)
                         client.close()
                         server.close()
@@ -3960,6 +3962,56 @@ def test_a_budget_call_sent_twice_counts_once(own_store: RedisServer, bedrock: F
             assert (last := ask(spender, "given once", "g")[-1]).get("full_text") == echo("given once"), last
     finally:
         proxy.close()
+
+
+# A CLAIM whose reply is lost, sent again, keeps the session it took: the second run finds its own claim the owner,
+# and must not tell the process it lost it (on a87a453 it published chat:moved with its own claim: the copy it had
+# just resumed was let go, and its next question got session_in_use).
+def test_a_claim_sent_twice_keeps_its_session(own_store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
+    proxy = LosesAReply(own_store.port)
+    try:
+        with run_server(tmp_path, BEDROCK_ENDPOINT_URL=bedrock.url, **RESUMABLE, REDIS_URL=proxy.url) as server:
+            with connect(server.ws_url) as ws:
+                start = ask(ws, "before the drop", "claimed")[0]
+            wait_for(lambda: server.health()["detached"] == 1, 5, "the session to wait for a resume")
+            proxy.arm(b"chat:session:claimed\r\n")
+            with connect(server.ws_url) as ws:
+                assert resume(ws, start) == resumed(start, None, ["before the drop", echo("before the drop")])
+                assert proxy.lost.is_set() and proxy.answered.wait(5) and b"EVALSHA" in proxy.dropped
+                time.sleep(0.5)  # subtle: proving an absence (a notice on chat:moved comes within a few ms)
+                assert (last := ask(ws, "still mine", "claimed")[-1]).get("full_text") == echo("still mine"), last
+    finally:
+        proxy.close()
+
+
+# Budgets when Redis is at maxmemory (noeviction): a script's first write may only free memory there. A question over
+# USER_REQUESTS_PER_MINUTE is still rate_limited (a refusal writes nothing: on a87a453 it stored its waits, was
+# refused, and the question got unavailable); an answer that ends gives its USER_MAX_STREAMS place back at once, not
+# when its lease ends 10 s later (on a87a453 the GIVE's first write was refused, and with it the whole call).
+def test_budgets_at_redis_maxmemory(own_store: RedisServer, bedrock: FakeBedrock, tmp_path: Path) -> None:
+    settings = {"BEDROCK_ENDPOINT_URL": bedrock.url, "REDIS_URL": own_store.url}
+    bedrock.replies["ends when full"] = Reply(tokens=[f" f{i}" for i in range(60)], delay=0.05)
+    with (
+        run_server(tmp_path, **settings, USER_REQUESTS_PER_MINUTE=1) as counting,
+        run_server(tmp_path, **settings, USER_MAX_STREAMS=1) as placing,
+        redis.Redis.from_url(own_store.url) as client,
+        connect(counting.ws_url, additional_headers={"X-Forwarded-For": "192.0.2.1"}) as asker,
+        connect(placing.ws_url, additional_headers={"X-Forwarded-For": "192.0.2.2"}) as streamer,
+    ):
+        assert ask(asker, "the one a minute", "a")[-1]["type"] == "end"
+        streamer.send(json.dumps({"question": "ends when full", "session_id": "s"}))
+        assert json.loads(streamer.recv(timeout=5))["type"] == "start"
+        assert client.zcard("chat:streams:address:192.0.2.2") == 1
+        try:
+            client.config_set("maxmemory-policy", "noeviction")
+            client.config_set("maxmemory", client.info("memory")["used_memory"] // 2)  # full: every write refused
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                client.set("one more", "x")
+            assert limited(ask(asker, "one too many", "a")[0], "a") > 50
+            assert read_answer(streamer)[-1]["type"] == "end"
+            wait_for(lambda: client.zcard("chat:streams:address:192.0.2.2") == 0, 3, "its place given back")
+        finally:
+            client.config_set("maxmemory", 0)
 
 
 # /metrics: rate_limited refusals counted by code; each user's tokens under a short hash of its sub, never the sub,
