@@ -2086,6 +2086,7 @@ def test_max_concurrent_streams(tmp_path: Path, bedrock: FakeBedrock) -> None:
         with connect(server.ws_url) as a, connect(server.ws_url) as b, connect(server.ws_url) as c:
             start_slow_answer(a, bedrock, "cap a", "a", tokens=1)
             start_slow_answer(b, bedrock, "cap b", "b", tokens=1)
+            asked_at = time.monotonic()
             c.send(json.dumps({"question": "cap c", "session_id": "c"}))
             assert json.loads(c.recv(timeout=5)) == {
                 "type": "error",
@@ -2095,6 +2096,7 @@ def test_max_concurrent_streams(tmp_path: Path, bedrock: FakeBedrock) -> None:
             }
             calls = [call for question in ("cap a", "cap b") for call in bedrock.calls_for(question)]  # both streaming
             assert len(calls) == 2 and not [call for call in calls if call.finished or call.client_closed_at]
+            assert time.monotonic() - asked_at < 2  # (a queue would wait for one of them to end: 10 s)
             a.send(json.dumps({"type": "cancel"}))
             read_answer(a)
             assert ask(c, "cap c", "c")[-1]["stop_reason"] == "end_turn"
@@ -5151,7 +5153,9 @@ def test_replays_are_paced_per_session(bedrock: FakeBedrock, tmp_path: Path) -> 
                 got += sock.recv(4096)
             answered.append(time.monotonic())
             sock.close()
-    assert answered[1] - sent[0] >= 1.5 and answered[2] - sent[1] >= 1.5, (sent, answered)
+    # the first resume's replay is paid for until 1.5 s after it came, the second's 1.5 s after that (the server's
+    # clock, uvloop's, is in whole milliseconds, rounded down)
+    assert answered[1] - sent[0] >= 1.5 - 0.002 and answered[2] - sent[0] >= 3 - 0.003, (sent, answered)
 
 
 # A message sent in fragments must end within SEND_TIMEOUT (2 s here): one that never does is closed with 1008, so
