@@ -2592,6 +2592,10 @@ class RedisBudgets(Budgets):
         self.lease = int(STREAM_LEASE * 1000)  # milliseconds
         self.asking: list[tuple[str, Turn, int, asyncio.Future[float]]] = []  # questions for the next TAKE
         self.given: list[tuple[str, Turn, int]] = []  # answers over, for the next GIVE
+        # by user, done when the GIVE of its answers over (queued; on its way) is: a question waits for it, so that
+        # one asked here as soon as an answer ends is counted after it (a GIVE goes off the question's path)
+        self.queued: dict[str, asyncio.Future[None]] = {}
+        self.sending: dict[str, asyncio.Future[None]] = {}
         self.tasks: dict[str, asyncio.Task[None] | None] = dict.fromkeys(("take", "give", "renew"))
         self.healthy = True  # the last TAKE worked (one WARNING line an outage)
         # subtle: redis-py sends a call again when its connection fails, which it may do after the script ran (a reply
@@ -2608,6 +2612,8 @@ class RedisBudgets(Budgets):
             self.tasks[name] = asyncio.create_task(work())
 
     async def take(self, who: str, turn: Turn, reserve: int) -> float:
+        if (given := self.queued.get(who) or self.sending.get(who)) is not None:
+            await asyncio.wait([given], timeout=5)  # (as long as redis-py's socket_timeout, at most)
         self.asking.append((who, turn, reserve, taken := asyncio.get_running_loop().create_future()))
         self.run("take", self.take_all)
         if not (wait := await taken) and USER_MAX_STREAMS:
@@ -2641,14 +2647,22 @@ class RedisBudgets(Budgets):
     def give(self, who: str, turn: Turn, tokens: int) -> None:
         if USER_MAX_STREAMS or (USER_TOKENS_PER_MINUTE and tokens):
             self.given.append((who, turn, tokens))
+            if who not in self.queued:
+                self.queued[who] = asyncio.get_running_loop().create_future()
             self.run("give", self.give_all)
 
     async def give_all(self) -> None:
         while self.given:
             batch, self.given = self.given, []
+            self.sending, self.queued = self.queued, {}
             keys = [key for who, _, _ in batch for key in self.keys(who)] + [f"chat:call:{PROCESS}:{next(self.calls)}"]
             args = [arg for _, turn, tokens in batch for arg in (turn.id, tokens)]
-            await self.quietly(self.scripts["GIVE"](keys, [USER_TOKENS_PER_MINUTE or 0, *args]))
+            try:
+                await self.quietly(self.scripts["GIVE"](keys, [USER_TOKENS_PER_MINUTE or 0, *args]))
+            finally:
+                for given in self.sending.values():
+                    given.set_result(None)
+                self.sending = {}
 
     async def renew(self) -> None:
         """While answers admitted here stream, their leases, renewed every STREAM_LEASE / 3 seconds."""
