@@ -2554,8 +2554,8 @@ class RedisBudgets(Budgets):
             end
             waits[i] = math.max(0, math.ceil(wait))
         end
-        -- (refusals change nothing: the same call again may refuse or admit; and under maxmemory, a call that wrote
-        -- nothing else could not write this)
+        -- (refusals change nothing: the same call again may refuse or admit; and at maxmemory, a call that wrote
+        -- nothing else could not write this: Redis refuses a script whose first write may take memory)
         if admitted then redis.call('SET', KEYS[#KEYS], cjson.encode(waits), 'PX', 60000) end
         return waits"""
     GIVE = """
@@ -2565,7 +2565,7 @@ class RedisBudgets(Budgets):
         local per_minute, wrote = tonumber(ARGV[1]), false
         for i = 1, (#KEYS - 1) / 2 do
             local budget, turn, tokens = KEYS[2 * i - 1], ARGV[2 * i], tonumber(ARGV[2 * i + 1])
-            redis.call('ZREM', KEYS[2 * i], turn)  -- (first: under maxmemory, a script's first write must free memory)
+            redis.call('ZREM', KEYS[2 * i], turn)  -- (first: at maxmemory, a script's first write may not take memory)
             if per_minute > 0 and tokens ~= 0 and not again then  -- more than was taken as it was admitted, or fewer
                 wrote = true
                 local bucket = redis.call('HMGET', budget, 'q', 't')
@@ -2613,7 +2613,7 @@ class RedisBudgets(Budgets):
 
     async def take(self, who: str, turn: Turn, reserve: int) -> float:
         if (given := self.queued.get(who) or self.sending.get(who)) is not None:
-            await asyncio.wait([given], timeout=5)  # (as long as redis-py's socket_timeout, at most)
+            await asyncio.wait([given], timeout=5)  # (a GIVE slower than that, Redis failing, is not waited for)
         self.asking.append((who, turn, reserve, taken := asyncio.get_running_loop().create_future()))
         self.run("take", self.take_all)
         if not (wait := await taken) and USER_MAX_STREAMS:
@@ -2652,17 +2652,26 @@ class RedisBudgets(Budgets):
             self.run("give", self.give_all)
 
     async def give_all(self) -> None:
-        while self.given:
-            batch, self.given = self.given, []
-            self.sending, self.queued = self.queued, {}
-            keys = [key for who, _, _ in batch for key in self.keys(who)] + [f"chat:call:{PROCESS}:{next(self.calls)}"]
-            args = [arg for _, turn, tokens in batch for arg in (turn.id, tokens)]
-            try:
+        try:
+            while self.given:
+                batch, self.given = self.given, []
+                self.sending, self.queued = self.queued, {}
+                keys = [key for who, _, _ in batch for key in self.keys(who)]
+                keys.append(f"chat:call:{PROCESS}:{next(self.calls)}")
+                args = [arg for _, turn, tokens in batch for arg in (turn.id, tokens)]
                 await self.quietly(self.scripts["GIVE"](keys, [USER_TOKENS_PER_MINUTE or 0, *args]))
-            finally:
-                for given in self.sending.values():
-                    given.set_result(None)
-                self.sending = {}
+                self.let_wait(self.sending)
+        finally:  # (cancelled: no question waits for what is not given)
+            self.let_wait(self.sending)
+            self.let_wait(self.queued)
+
+    @staticmethod
+    def let_wait(given: dict[str, asyncio.Future[None]]) -> None:
+        """The questions waiting for these users' GIVEs go on."""
+        for future in given.values():
+            if not future.done():
+                future.set_result(None)
+        given.clear()
 
     async def renew(self) -> None:
         """While answers admitted here stream, their leases, renewed every STREAM_LEASE / 3 seconds."""
