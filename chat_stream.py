@@ -2404,8 +2404,9 @@ class Budgets(Gate):
     """The gate it wraps, with a budget for each user: a per-minute limit is a bucket that holds a minute's worth and
     refills continuously (a minute's worth may come at once, then as it refills), as Anthropic and OpenAI meter their
     own APIs. A question is admitted while its user's buckets are not empty and fewer than USER_MAX_STREAMS of its
-    answers stream. Its input, estimated, leaves the tokens' bucket as it is admitted (so that questions asked at once
-    cannot all pass on one token left), and the rest of what its answer spent as it ends. An answer that streams is
+    answers stream. What it may spend (its input, estimated, and MAX_TOKENS) leaves the tokens' bucket as it is admitted
+    (so that questions asked at once cannot all pass on one token left), and what its answer did not spend comes back
+    as it ends. An answer that streams is
     never cut: the bucket may go below empty, and the next question waits until it has refilled. `retry_after` is
     when the next question would be admitted, nothing else changing (for USER_MAX_STREAMS, 1 s: when an answer ends
     is unknown).
@@ -2458,11 +2459,14 @@ class Budgets(Gate):
 
     @staticmethod
     def estimate(turn: Turn, session: Session | None) -> int:
-        """The tokens a question will send, estimated as request() counts them (4 characters a token)."""
+        """The tokens a question may spend, taken as it is admitted and settled as its answer ends: what it will send,
+        estimated as request() counts them (4 characters a token), and MAX_TOKENS, the most its answer may write (as
+        Anthropic and OpenAI count a request against a tokens-a-minute limit), so that answers asked at once cannot
+        spend many times the limit before the first of them is counted."""
         if not USER_TOKENS_PER_MINUTE:
             return 0
         history = sum(len(m.content) for m in session.history) // 4 if session else 0
-        return len(turn.question) // 4 + min(history, HISTORY_TOKENS)
+        return len(turn.question) // 4 + min(history, HISTORY_TOKENS) + MAX_TOKENS
 
     def spent(self, turn: Turn, usage: dict[str, int] | None) -> None:
         self.gate.spent(turn, usage)
