@@ -4397,6 +4397,11 @@ def open_chat(page: Any, url: str) -> None:
 
 
 def ask_on_page(page: Any, question: str) -> None:
+    """Ask once the answer before has ended (Enter sends nothing while one streams: its last token may show before
+    its end frame comes)."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("#send")).to_have_text("Send")
     page.locator("#question").fill(question)
     page.keyboard.press("Enter")
 
