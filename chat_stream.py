@@ -2406,10 +2406,9 @@ class Budgets(Gate):
     own APIs. A question is admitted while its user's buckets are not empty and fewer than USER_MAX_STREAMS of its
     answers stream. What it may spend (its input, estimated, and MAX_TOKENS) leaves the tokens' bucket as it is admitted
     (so that questions asked at once cannot all pass on one token left), and what its answer did not spend comes back
-    as it ends. An answer that streams is
-    never cut: the bucket may go below empty, and the next question waits until it has refilled. `retry_after` is
-    when the next question would be admitted, nothing else changing (for USER_MAX_STREAMS, 1 s: when an answer ends
-    is unknown).
+    as it ends. An answer that streams is never cut: the bucket may go below empty, and the next question waits until
+    it has refilled. `retry_after` is when the next question would be admitted, nothing else changing (for
+    USER_MAX_STREAMS, 1 s: when an answer ends is unknown).
 
     A user is a signed token's `sub`; without tokens, whoever has CHAT_API_KEY (one budget for all who share it), or
     else a client address (client_of: an IPv6 one by its /64; behind a proxy, as uvicorn's FORWARDED_ALLOW_IPS lets
@@ -2602,13 +2601,16 @@ class RedisBudgets(Budgets):
         self.sending: dict[str, asyncio.Future[None]] = {}
         self.tasks: dict[str, asyncio.Task[None] | None] = dict.fromkeys(("take", "give", "renew"))
         self.healthy = True  # the last TAKE worked (one WARNING line an outage)
-        # subtle: redis-py sends a call again when its connection fails, which it may do after the script ran (a reply
-        # lost, or late past socket_timeout): each TAKE and GIVE names a key of its own, which says it ran
-        self.calls = itertools.count(1)
+        self.calls = itertools.count(1)  # numbers each TAKE and GIVE (see call_key)
 
     @staticmethod
     def keys(who: str) -> list[str]:
         return [f"chat:budget:{who}", f"chat:streams:{who}"]
+
+    def call_key(self) -> str:
+        """A key of this call's own, its last. subtle: redis-py sends a call again when its connection fails, which it
+        may do after the script ran (its reply lost, or late past socket_timeout): the key says it counted."""
+        return f"chat:call:{PROCESS}:{next(self.calls)}"
 
     def run(self, name: str, work: Callable[[], Any]) -> None:
         """`work` in a task of its own, unless one runs already (it then finds what was added meanwhile)."""
@@ -2627,7 +2629,7 @@ class RedisBudgets(Budgets):
     async def take_all(self) -> None:
         while self.asking:
             batch, self.asking = self.asking, []
-            keys = [key for who, *_ in batch for key in self.keys(who)] + [f"chat:call:{PROCESS}:{next(self.calls)}"]
+            keys = [key for who, *_ in batch for key in self.keys(who)] + [self.call_key()]
             limits = [USER_REQUESTS_PER_MINUTE or 0, USER_TOKENS_PER_MINUTE or 0, USER_MAX_STREAMS or 0, self.lease]
             asked = [arg for _, turn, reserve, _ in batch for arg in (turn.id, reserve)]
             try:
@@ -2660,8 +2662,7 @@ class RedisBudgets(Budgets):
             while self.given:
                 batch, self.given = self.given, []
                 self.sending, self.queued = self.queued, {}
-                keys = [key for who, _, _ in batch for key in self.keys(who)]
-                keys.append(f"chat:call:{PROCESS}:{next(self.calls)}")
+                keys = [key for who, _, _ in batch for key in self.keys(who)] + [self.call_key()]
                 args = [arg for _, turn, tokens in batch for arg in (turn.id, tokens)]
                 await self.quietly(self.scripts["GIVE"](keys, [USER_TOKENS_PER_MINUTE or 0, *args]))
                 self.let_wait(self.sending)

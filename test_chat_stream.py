@@ -3954,10 +3954,8 @@ class LosesAReply:
         with contextlib.suppress(OSError):
             while data := server.recv(65536):
                 if marked.is_set():
-                    marked.clear()
-                    if data.startswith(b"-NOSCRIPT"):  # (redis-py loads the script, then sends the call again)
-                        pass
-                    elif self.armed:
+                    marked.clear()  # (a NOSCRIPT reply passes: redis-py then loads the script and sends the call again)
+                    if self.armed and not data.startswith(b"-NOSCRIPT"):
                         self.armed, self.dropped = False, self.marked
                         client.shutdown(socket.SHUT_RDWR)
                         client.close()
