@@ -3315,6 +3315,7 @@ def test_turn_keys_go_with_delivery(own_store: RedisServer, bedrock: FakeBedrock
             assert follow(ws, start, 3)[-1]["type"] == "end"
         wait_for(lambda: not client.keys("chat:turn:*"), 10, "the delivered answers' turn keys to go")
         begin(b, bedrock, "killed mid-answer", 200, 3, delay=0.02)
+        wait_for(lambda: client.keys("chat:turn:*"), 5, "its tokens in Redis (written every 20 ms)")
         os.killpg(b.process.pid, signal.SIGKILL)
         b.process.wait()
         keys = client.keys("chat:*")
